@@ -1,0 +1,75 @@
+# Two commands on a fresh clone:  `make train` (the main job)  and  `make test` (the test suite).
+# TORCH=cpu (default) installs torch's CPU wheel where one is offered locally, TORCH=cuda a CUDA build.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+TORCH ?= cpu
+TORCH_VERSION ?= 2.13.0
+# On GPU hosts PyPI's Linux wheel of this version is the CUDA build; CUDA_INDEX picks another CUDA flavour.
+CUDA_INDEX ?=
+EXPERIMENT ?= sae_4096
+ARGS ?=
+
+.PHONY: help install install-dev corpus train train-transformer cache test test-fast lint clean
+
+help:
+	@echo "make train   install into $(VENV), fetch the corpus, run experiment=$(EXPERIMENT)"
+	@echo "make test    install the dev extra and run the test suite"
+	@echo "make lint    ruff + hadolint"
+
+$(VENV)/.torch-$(TORCH):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+ifeq ($(TORCH),cuda)
+	$(PIP) install -q torch==$(TORCH_VERSION) $(if $(CUDA_INDEX),--index-url $(CUDA_INDEX))
+else
+	$(PIP) install -q torch==$(TORCH_VERSION)
+endif
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.torch-$(TORCH) pyproject.toml
+	$(PIP) install -q -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PIP) install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+# The default corpus: the Linux kernel documentation from Debian's linux-doc package (GPL-2.0).
+corpus:
+	@if ls -d /usr/share/doc/linux-doc-*/Documentation >/dev/null 2>&1; then \
+		echo "corpus: $$(ls -d /usr/share/doc/linux-doc-*/Documentation | tail -1)"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq linux-doc; \
+	else \
+		echo "The default corpus needs Debian's linux-doc package: run 'sudo apt-get install linux-doc'," >&2; \
+		echo "or train on other text: make train ARGS=\"data.corpus.kind=files data.corpus.data_files='path/*.txt'\"" >&2; \
+		exit 1; \
+	fi
+
+train: install corpus
+	$(PY) src/train.py experiment=$(EXPERIMENT) $(ARGS)
+
+train-transformer: install corpus
+	$(PY) src/train.py experiment=transformer_1l $(ARGS)
+
+cache: install corpus
+	$(PY) src/cache_activations.py $(ARGS)
+
+test: install-dev
+	$(VENV)/bin/pytest -q $(ARGS)
+
+test-fast: install-dev
+	$(VENV)/bin/pytest -q -m "not slow" $(ARGS)
+
+lint: install-dev
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/hadolint Dockerfile
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,168 @@
+"""Text corpora, read through Hugging Face ``datasets``.
+
+A corpus yields documents (strings) in a fixed order and has a fingerprint that keys everything built
+from it. Kinds:
+
+- ``linux_doc`` (default): the Linux kernel documentation from Debian's ``linux-doc`` package
+  (GPL-2.0, ~25 MB of technical English by thousands of authors). ``make corpus`` installs it.
+  The ``.rst``/``.txt`` files (gzipped or not, ``translations/`` skipped) are gathered once into a
+  JSON-lines file under ``data/corpus/`` whose SHA-256 is recorded.
+- ``python_stdlib``: the Python standard library's own source (PSF licence; needs no install) —
+  code and docstrings, used by the tests.
+- ``files``: local ``text``/``json``/``parquet`` files (``data_files`` glob or list).
+- ``hub``: a dataset on the Hugging Face hub, streamed (``streaming=True``) and cut at ``max_bytes``.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import hashlib
+import json
+import logging
+import os
+import sysconfig
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+LINUX_DOC_GLOB = "/usr/share/doc/linux-doc-*/Documentation"
+KINDS = ("linux_doc", "python_stdlib", "files", "hub")
+
+
+class CorpusError(RuntimeError):
+    pass
+
+
+@dataclass
+class CorpusConfig:
+    kind: str = "linux_doc"
+    # linux_doc / python_stdlib: where the files are (None: the standard location)
+    root: str | None = None
+    # files: a glob or list of local files, read with the `builder` of datasets (text/json/parquet)
+    data_files: str | list[str] | None = None
+    builder: str = "text"
+    # hub: dataset path, config name and split, streamed
+    path: str | None = None
+    name: str | None = None
+    split: str = "train"
+    text_field: str = "text"
+    # cap on the text read (hub corpora are endless); None reads all
+    max_bytes: int | None = None
+    extensions: list[str] = field(default_factory=lambda: [".rst", ".txt"])
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _gather_files(cfg: CorpusConfig) -> tuple[Path, list[Path]]:
+    if cfg.kind == "linux_doc":
+        roots = [cfg.root] if cfg.root else sorted(glob.glob(LINUX_DOC_GLOB))
+        if not roots or not Path(roots[-1]).is_dir():
+            raise CorpusError(
+                "the default corpus (Linux kernel documentation) is not installed: expected "
+                f"{cfg.root or LINUX_DOC_GLOB}. Run `make corpus` (as root: apt-get install linux-doc), "
+                "or point at other text with data.corpus.kind=files data.corpus.data_files='path/*.txt'.")
+        root = Path(roots[-1])
+        files = [p for p in root.rglob("*") if p.is_file() and "translations" not in p.parts
+                 and any(p.name.endswith(ext) or p.name.endswith(ext + ".gz") for ext in cfg.extensions)]
+    else:  # python_stdlib
+        root = Path(cfg.root or sysconfig.get_paths()["stdlib"])
+        files = [p for p in root.rglob("*.py") if p.is_file()
+                 and not ({"test", "tests", "idlelib", "site-packages", "lib2to3"} & set(p.parts))]
+    return root, sorted(files)
+
+
+def _read(path: Path) -> str:
+    raw = gzip.open(path, "rb").read() if path.suffix == ".gz" else path.read_bytes()
+    return raw.decode("utf-8", errors="replace")
+
+
+def _materialize(cfg: CorpusConfig, cache_dir: Path) -> tuple[Path, dict]:
+    """Gather a file-tree corpus into one JSON-lines file (written once, atomically)."""
+    root, files = _gather_files(cfg)
+    listing = hashlib.sha256("\n".join(f"{p.relative_to(root)}:{p.stat().st_size}" for p in files).encode())
+    listing.update(f"max_bytes={cfg.max_bytes}".encode())
+    key = f"{cfg.kind}-{listing.hexdigest()[:12]}"
+    out = cache_dir / f"{key}.jsonl"
+    if not out.exists():
+        log.info("gathering %d files of %s into %s", len(files), root, out)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(f".tmp{os.getpid()}")
+        total = 0
+        with open(tmp, "w", encoding="utf-8") as f:
+            for p in files:
+                text = _read(p)
+                if text.strip():
+                    f.write(json.dumps({"text": text, "source": str(p.relative_to(root))}) + "\n")
+                    total += len(text)
+                if cfg.max_bytes is not None and total >= cfg.max_bytes:
+                    break
+        os.replace(tmp, out)
+    info = {"kind": cfg.kind, "root": str(root), "n_files": len(files), "file": out.name,
+            "sha256": _sha256(out)}
+    return out, info
+
+
+class Corpus:
+    """Documents of a corpus, in a fixed order, read with ``datasets``."""
+
+    def __init__(self, cfg: CorpusConfig, cache_dir: str | os.PathLike) -> None:
+        if cfg.kind not in KINDS:
+            raise CorpusError(f"data.corpus.kind={cfg.kind!r} is not one of {KINDS}")
+        self.cfg = cfg
+        self.cache_dir = Path(cache_dir)
+        self.info: dict = {}
+        self._load_args: dict = {}
+        if cfg.kind in ("linux_doc", "python_stdlib"):
+            path, self.info = _materialize(cfg, self.cache_dir)
+            self._load_args = {"path": "json", "data_files": str(path), "split": "train"}
+        elif cfg.kind == "files":
+            if not cfg.data_files:
+                raise CorpusError("data.corpus.kind=files needs data.corpus.data_files (a glob or list)")
+            files = sorted(glob.glob(cfg.data_files)) if isinstance(cfg.data_files, str) else list(cfg.data_files)
+            if not files:
+                raise CorpusError(f"data.corpus.data_files={cfg.data_files!r} matches no file")
+            self._load_args = {"path": cfg.builder, "data_files": files, "split": "train"}
+            digest = hashlib.sha256()
+            for f in files:
+                digest.update(_sha256(Path(f)).encode())
+            self.info = {"kind": "files", "builder": cfg.builder, "files": [os.path.basename(f) for f in files],
+                         "sha256": digest.hexdigest()}
+        else:  # hub
+            if not cfg.path:
+                raise CorpusError("data.corpus.kind=hub needs data.corpus.path (a hub dataset name)")
+            self._load_args = {"path": cfg.path, "name": cfg.name, "split": cfg.split, "streaming": True}
+            self.info = {"kind": "hub", "path": cfg.path, "name": cfg.name, "split": cfg.split,
+                         "max_bytes": cfg.max_bytes}
+
+    @property
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.info, sort_keys=True).encode()).hexdigest()[:16]
+
+    def documents(self) -> Iterator[str]:
+        import datasets  # imported here: a cold import costs seconds
+
+        try:
+            ds = datasets.load_dataset(**self._load_args)
+        except Exception as e:  # datasets raises many types; name what we tried to load
+            raise CorpusError(f"could not load corpus {self._load_args}: {e}") from e
+        total = 0
+        for row in ds:
+            if self.cfg.text_field not in row:
+                raise CorpusError(f"corpus rows have no field {self.cfg.text_field!r} "
+                                  f"(fields: {sorted(row)}); set data.corpus.text_field")
+            text = row[self.cfg.text_field]
+            if not text:
+                continue
+            yield text
+            total += len(text)
+            if self.cfg.max_bytes is not None and total >= self.cfg.max_bytes:
+                break

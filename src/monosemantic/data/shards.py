@@ -1,0 +1,97 @@
+"""The activation shard-set contract (DESIGN §4): reading and validating ``manifest.json``, decoding samples.
+
+A shard set is a directory of webdataset tars ``shard-000000.tar`` … and a ``manifest.json`` written last,
+atomically: its presence means the set is complete. Each tar sample is one context: ``acts.npy``
+(``[n, d_in]`` float16/float32) and, for activations of text, ``tokens.npy``, ``positions.npy`` and
+``context.npy`` (int32). Arrays are decoded with ``allow_pickle=False``: never pickle.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FORMAT = "monosemantic.activations"
+VERSION = 1
+KNOWN_VERSIONS = (1,)
+DTYPES = ("float16", "float32")
+
+
+class ShardSetError(ValueError):
+    """A shard set that does not follow the contract; the message names the directory or shard."""
+
+
+def shard_name(i: int) -> str:
+    return f"shard-{i:06d}.tar"
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def read_manifest(shards_dir: str | Path, d_in: int | None = None) -> dict:
+    """Read and check a shard set's manifest; raise :class:`ShardSetError` naming what is wrong."""
+    shards_dir = Path(shards_dir)
+    path = shards_dir / "manifest.json"
+    if not shards_dir.is_dir():
+        raise ShardSetError(f"shard set {shards_dir} does not exist")
+    if not path.is_file():
+        raise ShardSetError(f"shard set {shards_dir} has no manifest.json: it is incomplete (a cache run was "
+                            "interrupted; re-run `python src/cache_activations.py` to finish it) or not a shard set")
+    try:
+        m = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ShardSetError(f"{path} is not valid JSON: {e}") from e
+    if m.get("format") != FORMAT:
+        raise ShardSetError(f"{path}: format {m.get('format')!r} is not {FORMAT!r}")
+    if m.get("version") not in KNOWN_VERSIONS:
+        raise ShardSetError(f"{path}: format version {m.get('version')!r} is unknown (this code reads "
+                            f"versions {list(KNOWN_VERSIONS)})")
+    for key in ("d_in", "dtype", "n_tokens", "shards"):
+        if key not in m:
+            raise ShardSetError(f"{path}: missing key {key!r}")
+    if m["dtype"] not in DTYPES:
+        raise ShardSetError(f"{path}: dtype {m['dtype']!r} is not one of {DTYPES}")
+    if d_in is not None and int(m["d_in"]) != int(d_in):
+        raise ShardSetError(f"{path}: d_in={m['d_in']} but the model expects d_in={d_in}")
+    total = sum(int(s["n_tokens"]) for s in m["shards"])
+    if total != int(m["n_tokens"]):
+        raise ShardSetError(f"{path}: shards hold {total} tokens but n_tokens={m['n_tokens']}")
+    missing = [s["name"] for s in m["shards"] if not (shards_dir / s["name"]).is_file()]
+    if missing:
+        raise ShardSetError(f"{shards_dir}: shards listed in manifest.json are missing: {missing[:5]}")
+    return m
+
+
+def load_npy(data: bytes, what: str) -> np.ndarray:
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as e:  # numpy raises ValueError/EOFError/OSError for damaged arrays
+        raise ShardSetError(f"{what}: not a plain .npy array ({e})") from e
+
+
+def decode_context(sample: dict, d_in: int) -> dict[str, np.ndarray]:
+    """Decode one tar sample into arrays; checks shape and finiteness, naming the shard and key."""
+    where = f"shard {sample.get('__url__', '?')} sample {sample.get('__key__', '?')}"
+    if "acts.npy" not in sample:
+        raise ShardSetError(f"{where}: no acts.npy (keys: {sorted(k for k in sample if not k.startswith('__'))})")
+    out = {"acts": load_npy(sample["acts.npy"], where)}
+    acts = out["acts"]
+    if acts.ndim != 2 or acts.shape[1] != d_in:
+        raise ShardSetError(f"{where}: acts has shape {acts.shape}, expected [n, {d_in}]")
+    if not np.isfinite(acts).all():
+        raise ShardSetError(f"{where}: acts contain NaN or inf")
+    for name in ("tokens", "positions", "context"):
+        if f"{name}.npy" in sample:
+            out[name] = load_npy(sample[f"{name}.npy"], where)
+    return out

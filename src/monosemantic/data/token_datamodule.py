@@ -1,0 +1,118 @@
+"""``TokenDataModule``: random ``n_ctx`` windows of the token store for training, fixed held-out ones for val."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from monosemantic.data.corpus import CorpusConfig
+from monosemantic.data.token_store import build_token_store, load_split, read_meta
+from monosemantic.data.tokenizer import TokenizerConfig, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class TokenWindows(Dataset):
+    """Windows of ``n_ctx + 1`` tokens (inputs and their next-token targets) at given start offsets."""
+
+    def __init__(self, tokens: np.ndarray, starts: np.ndarray, n_ctx: int) -> None:
+        self.tokens, self.starts, self.n_ctx = tokens, starts, n_ctx
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        s = int(self.starts[i])
+        return torch.from_numpy(self.tokens[s : s + self.n_ctx + 1].astype(np.int64))
+
+
+def random_starts(n_tokens: int, n_ctx: int, n_windows: int, seed: int) -> np.ndarray:
+    if n_tokens < n_ctx + 1:
+        raise ValueError(f"{n_tokens} tokens cannot hold one window of n_ctx={n_ctx}")
+    return np.random.default_rng(seed).integers(0, n_tokens - n_ctx, size=n_windows)
+
+
+def tiled_starts(n_tokens: int, n_ctx: int, max_windows: int | None = None) -> np.ndarray:
+    """Non-overlapping windows (stride n_ctx + 1), in order: a fixed held-out set."""
+    starts = np.arange(0, n_tokens - n_ctx, n_ctx + 1)
+    return starts if max_windows is None else starts[:max_windows]
+
+
+class TokenDataModule(L.LightningDataModule):
+    def __init__(self, data_dir: str, corpus: dict | None = None, tokenizer: dict | None = None,
+                 n_ctx: int = 128, batch_size: int = 64, val_fraction: float = 0.02,
+                 train_windows: int | None = None, val_windows: int | None = 256, num_workers: int = 0,
+                 seed: int = 0, store_dir: str | None = None) -> None:
+        """
+        Args:
+            data_dir: root of cached artifacts (corpus, tokenizer, token store live under it).
+            corpus: :class:`CorpusConfig` fields (kind, root, data_files, path, ...).
+            tokenizer: :class:`TokenizerConfig` fields (kind, vocab_size, ...).
+            n_ctx: context length of each window.
+            val_fraction: share of documents held out for validation.
+            train_windows: random windows per epoch (default: train tokens // n_ctx).
+            val_windows: held-out windows evaluated (tiled from the start of val.bin); None for all.
+            store_dir: use this existing token store instead of building one from corpus + tokenizer.
+        """
+        super().__init__()
+        self.save_hyperparameters(logger=False)
+        self.corpus_cfg = CorpusConfig(**(corpus or {}))
+        self.tok_cfg = TokenizerConfig(**(tokenizer or {}))
+        self.store_dir: Path | None = Path(store_dir) if store_dir else None
+        self.meta: dict[str, Any] = {}
+        self.train_set: TokenWindows | None = None
+        self.val_set: TokenWindows | None = None
+
+    def prepare_data(self) -> None:
+        if self.store_dir is None:
+            self.store_dir = build_token_store(self.corpus_cfg, self.tok_cfg, self.hparams.data_dir,
+                                               self.hparams.val_fraction)
+        self.meta = read_meta(self.store_dir)
+
+    @property
+    def vocab_size(self) -> int:
+        if not self.meta:
+            self.prepare_data()
+        return int(self.meta["vocab_size"])
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return Path(self.store_dir) / self.meta["tokenizer"]
+
+    def tokenizer(self):
+        return load_tokenizer(self.tokenizer_path)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        if not self.meta:
+            self.prepare_data()
+        n_ctx, seed = self.hparams.n_ctx, self.hparams.seed
+        train, val = load_split(self.store_dir, "train"), load_split(self.store_dir, "val")
+        n_train = self.hparams.train_windows or max(1, len(train) // n_ctx)
+        self.train_set = TokenWindows(train, random_starts(len(train), n_ctx, n_train, seed), n_ctx)
+        self.val_set = TokenWindows(val, tiled_starts(len(val), n_ctx, self.hparams.val_windows), n_ctx)
+        if len(self.val_set) == 0:
+            raise ValueError(f"{self.store_dir}/val.bin has too few tokens for one window of n_ctx={n_ctx}")
+
+    def _loader(self, ds: Dataset) -> DataLoader:
+        # shuffle=False: the train windows are already random (seeded), so order is reproducible;
+        # under DDP Lightning's DistributedSampler splits the indices between ranks.
+        return DataLoader(ds, batch_size=self.hparams.batch_size, shuffle=False,
+                          num_workers=self.hparams.num_workers, drop_last=False,
+                          persistent_workers=self.hparams.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set)

@@ -1,0 +1,88 @@
+"""Every SAE metric of DESIGN §3 in one container, used by validation and by ``src/eval.py``."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from monosemantic.metrics import L0, ExplainedVariance, FeatureDensity, LossRecovered, ReconstructionMSE, splice_losses
+from monosemantic.models.components import hooks
+
+
+class SAEMetrics(nn.Module):
+    """MSE, explained variance, L0, densities (on activations) and loss recovered (on token windows)."""
+
+    def __init__(self, d_in: int, d_sae: int, ablation: str = "zero") -> None:
+        super().__init__()
+        if ablation not in ("zero", "mean"):
+            raise ValueError(f"ablation={ablation!r} is not 'zero' or 'mean'")
+        self.ablation = ablation
+        self.mse = ReconstructionMSE()
+        self.explained_variance = ExplainedVariance(d_in)
+        self.l0 = L0()
+        self.density = FeatureDensity(d_sae)
+        self.loss_recovered = LossRecovered(ablation)
+
+    @torch.no_grad()
+    def update_acts(self, x_BM: torch.Tensor, x_hat_BM: torch.Tensor, feats_BF: torch.Tensor) -> None:
+        self.mse.update(x_BM, x_hat_BM)
+        self.explained_variance.update(x_BM, x_hat_BM)
+        self.l0.update(feats_BF)
+        self.density.update(feats_BF)
+
+    @torch.no_grad()
+    def update_tokens(self, transformer: nn.Module, tokens_BT: torch.Tensor,
+                      reconstruct: Callable[[torch.Tensor], torch.Tensor], mean_acts_M: torch.Tensor | None) -> None:
+        if self.ablation == "mean":
+            if mean_acts_M is None:
+                raise ValueError("mean-ablation needs the mean activation vector")
+            ablate = hooks.mean_ablate(mean_acts_M)
+        else:
+            ablate = hooks.zero_ablate()
+        self.loss_recovered.update(*splice_losses(transformer, tokens_BT, reconstruct, ablate))
+
+    def compute_and_reset(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        if self.mse.update_count:
+            out["mse"] = self.mse.compute()
+            out["explained_variance"] = self.explained_variance.compute()
+            out["l0"] = self.l0.compute()
+            density = self.density.compute()
+            out.update({k: density[k] for k in ("dead_frac", "dense_frac", "ultralow_frac", "log10_density")})
+            out["n_tokens"] = self.density.n_tokens.clone()
+        if self.loss_recovered.update_count:
+            out.update(self.loss_recovered.compute())
+        for m in (self.mse, self.explained_variance, self.l0, self.density, self.loss_recovered):
+            m.reset()
+        return out
+
+
+@torch.no_grad()
+def evaluate(sae: nn.Module, acts_batches: Iterable[torch.Tensor], token_batches: Iterable[torch.Tensor] | None,
+             transformer: nn.Module | None, scale: float = 1.0, ablation: str = "zero",
+             mean_acts_M: torch.Tensor | None = None, device: str = "cpu") -> dict[str, float | list]:
+    """All metrics for ``sae`` on held-out data. ``acts_batches`` are activations already multiplied by
+    ``scale`` (the SAE's input space); token windows go through ``transformer`` with raw activations."""
+    start = time.time()
+    d_in, d_sae = sae.W_enc.shape
+    m = SAEMetrics(d_in, d_sae, ablation).to(device)
+    sae = sae.to(device).eval()
+    for x in acts_batches:
+        x = x.to(device)
+        out = sae(x)
+        m.update_acts(x, out.x_hat, out.feats)
+    if transformer is not None and token_batches is not None:
+        transformer = transformer.to(device).eval()
+
+        def reconstruct(acts: torch.Tensor) -> torch.Tensor:
+            return sae(acts.float() * scale).x_hat / scale
+
+        for tokens in token_batches:
+            m.update_tokens(transformer, tokens.to(device), reconstruct, mean_acts_M)
+    result = m.compute_and_reset()
+    out: dict[str, float | list] = {k: (v.tolist() if v.ndim else float(v)) for k, v in result.items()}
+    out["eval_seconds"] = round(time.time() - start, 2)
+    return out

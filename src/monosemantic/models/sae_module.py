@@ -1,0 +1,183 @@
+"""``SAEModule``: the training system around :class:`SparseAutoencoder` (the paper's recipe, DESIGN §2).
+
+- loss = MSE (mean over vector elements) + λ · Σ_i f_i (sum over features, mean over tokens); the
+  reduction is stored beside λ (``l1_reduction``) because λ does not transfer between reductions.
+- Adam; before each step the gradient component parallel to each decoder row is removed, after it the
+  rows are renormalised (decoder hygiene lives on the SAE: ``remove_parallel_grads_``, ``normalize_decoder_``).
+- ``tokens_since_fired`` (a buffer, so it is checkpointed) counts, per feature, the tokens seen on *all*
+  ranks since it last fired: per-step fire counts are summed across ranks, so every rank makes the same
+  dead-feature decision (for :class:`~monosemantic.callbacks.resampler.NeuronResampler`).
+- Validation: MSE, explained variance, L0 and density on held-out shards; loss recovered (the SAE's
+  reconstruction spliced into the frozen transformer) on held-out token windows, when the shard set
+  names its transformer.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from monosemantic.evaluation import SAEMetrics
+from monosemantic.metrics import density_histogram_figure, save_density_histogram
+from monosemantic.models.components.sae import SparseAutoencoder
+
+log = logging.getLogger(__name__)
+
+
+class SAEModule(L.LightningModule):
+    def __init__(self, d_sae: int, l1_coeff: float, optimizer: Callable[..., torch.optim.Optimizer],
+                 d_in: int | None = None, l1_reduction: str = "sum_features_mean_tokens",
+                 l1_warmup_steps: int = 0, dead_window_tokens: int = 10_000_000, b_dec_init: str = "geometric_median",
+                 b_dec_init_tokens: int = 16_384, ablation: str = "zero", lr_decay_start: float = 1.0) -> None:
+        """
+        Args:
+            d_sae: dictionary size (A/1: 4,096).
+            l1_coeff: λ (paper's A runs: 0.004 with their scaling; always report L0 beside it).
+            optimizer: partial Adam (``_partial_: true``).
+            d_in: activation width; set from the shard manifest by the pipeline.
+            l1_reduction: how the L1 term is reduced; recorded for sweeps (only this one is implemented).
+            l1_warmup_steps: λ ramps linearly from 0 over these steps (0: no warm-up).
+            dead_window_tokens: a feature that fired on none of the last N tokens is dead.
+            b_dec_init: "geometric_median" of a sample (paper) or "zeros".
+            ablation: "zero" (paper) or "mean" baseline for loss recovered.
+            lr_decay_start: fraction of training after which the LR decays linearly to 0 (1.0: constant LR).
+        """
+        super().__init__()
+        if d_in is None:
+            raise ValueError("model.d_in is not set: it comes from the shard set's manifest (data.shards)")
+        if l1_reduction != "sum_features_mean_tokens":
+            raise ValueError(f"model.l1_reduction={l1_reduction!r}: only 'sum_features_mean_tokens' is implemented")
+        self.save_hyperparameters(logger=False, ignore=["optimizer"])  # checkpoints stay weights_only-loadable
+        self.optimizer_factory = optimizer
+        self.sae = SparseAutoencoder(d_in, d_sae)
+        self.register_buffer("tokens_since_fired", torch.zeros(d_sae, dtype=torch.int64))
+        self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.int64))
+        self.val_metrics = SAEMetrics(d_in, d_sae, ablation)
+        self.train_density = SAEMetrics(d_in, d_sae, ablation).density
+        self.register_buffer("norm_scale_buf", torch.ones(()))  # checkpointed: eval needs the scale
+        self._frozen: list[Any] = []  # [transformer], kept out of the module tree and the checkpoint
+        self._mean_acts: torch.Tensor | None = None
+
+    # -- data-dependent setup -------------------------------------------------------------------------
+    def attach_data(self, norm_scale: float, transformer: torch.nn.Module | None,
+                    mean_acts_M: torch.Tensor | None = None) -> None:
+        """Give the module what the data defines: the normalisation scale and the frozen transformer."""
+        self.norm_scale_buf.fill_(float(norm_scale))
+        self._frozen = [transformer.requires_grad_(False).eval()] if transformer is not None else []
+        self._mean_acts = mean_acts_M
+
+    @property
+    def norm_scale(self) -> float:
+        return float(self.norm_scale_buf)
+
+    @property
+    def transformer(self) -> torch.nn.Module | None:
+        return self._frozen[0] if self._frozen else None
+
+    def setup(self, stage: str) -> None:
+        # Runs before DDP wraps the module (which then broadcasts rank 0's parameters).
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if stage == "fit" and self.hparams.b_dec_init == "geometric_median" and dm is not None:
+            sample = dm.sample_activations(self.hparams.b_dec_init_tokens, seed=0)
+            self.sae.init_b_dec_geometric_median_(sample)
+
+    # -- training -------------------------------------------------------------------------------------
+    def l1_coeff_now(self) -> float:
+        warm = self.hparams.l1_warmup_steps
+        return self.hparams.l1_coeff * (min(1.0, (self.global_step + 1) / warm) if warm else 1.0)
+
+    def per_input_loss(self, x_NM: torch.Tensor) -> torch.Tensor:
+        """The training loss of each input (used to score inputs for resampling)."""
+        out = self.sae(x_NM)
+        return (out.x_hat - x_NM).pow(2).mean(-1) + self.hparams.l1_coeff * out.feats.sum(-1)
+
+    def training_step(self, x_BM: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        out = self.sae(x_BM)
+        mse = F.mse_loss(out.x_hat.float(), x_BM)
+        l1 = out.feats.float().sum(-1).mean()  # feats ≥ 0 after ReLU, so Σ|f| = Σf
+        loss = mse + self.l1_coeff_now() * l1
+        with torch.no_grad():
+            active_BF = out.feats > 0
+            self._count_firing(active_BF.sum(0), x_BM.shape[0])
+            self.train_density.update(out.feats.detach())
+            self.log_dict({"train/loss": loss, "train/mse": mse, "train/l1": l1,
+                           "train/l0": active_BF.sum(-1).float().mean(),
+                           "train/dead_frac": self.dead_frac(), "train/l1_coeff": self.l1_coeff_now()},
+                          on_step=True, on_epoch=False, prog_bar=False)
+            self.log("train/tokens", self.tokens_seen.float(), on_step=True, on_epoch=False)
+        return loss
+
+    def _count_firing(self, fires_F: torch.Tensor, batch_tokens: int) -> None:
+        fires_F = fires_F.to(torch.int64)
+        n = torch.tensor(batch_tokens, dtype=torch.int64, device=fires_F.device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(fires_F)
+            dist.all_reduce(n)
+        self.tokens_since_fired += n
+        self.tokens_since_fired[fires_F > 0] = 0
+        self.tokens_seen += n
+
+    def dead_frac(self) -> torch.Tensor:
+        """Fraction of features silent for the last ``dead_window_tokens`` tokens (all ranks)."""
+        return (self.tokens_since_fired >= self.hparams.dead_window_tokens).float().mean()
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self.sae.remove_parallel_grads_()
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.sae.normalize_decoder_()
+
+    def configure_optimizers(self):
+        opt = self.optimizer_factory(params=self.sae.parameters())
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        start = int(self.hparams.lr_decay_start * total)
+
+        def lr_lambda(step: int) -> float:
+            return 1.0 if step < start else max(0.0, (total - step) / max(1, total - start))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # -- validation -----------------------------------------------------------------------------------
+    def reconstruct_raw(self, acts_BTM: torch.Tensor) -> torch.Tensor:
+        """The SAE's reconstruction of *raw* activations (normalise in, un-normalise out)."""
+        return self.sae(acts_BTM.float() * self.norm_scale).x_hat / self.norm_scale
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if dataloader_idx == 0:
+            out = self.sae(batch)
+            self.val_metrics.update_acts(batch, out.x_hat, out.feats)
+        elif self.transformer is not None:
+            net = self.transformer.to(self.device)
+            self.val_metrics.update_tokens(net, batch, self.reconstruct_raw, self._mean_acts)
+
+    def on_validation_epoch_end(self) -> None:
+        metrics = self.val_metrics.compute_and_reset()
+        log10_density = metrics.pop("log10_density")
+        self.log_dict({f"val/{k}": v for k, v in metrics.items()}, sync_dist=False)
+        train = self.train_density.compute()
+        self.train_density.reset()
+        self.log_dict({f"train/{k}": train[k] for k in ("dense_frac", "ultralow_frac")})
+        self._log_histogram(log10_density, "val")
+
+    def _log_histogram(self, log10_density: torch.Tensor, split: str) -> None:
+        if self.trainer.sanity_checking or not self.trainer.is_global_zero:
+            return
+        out = Path(self.trainer.default_root_dir) / "plots"
+        save_density_histogram(log10_density, out / f"{split}_density_step{self.global_step:07d}.png",
+                               title=f"{split} feature density, step {self.global_step}")
+        for lg in self.loggers:
+            if type(lg).__name__ == "WandbLogger":
+                import wandb
+
+                fig = density_histogram_figure(log10_density, f"{split} feature density")
+                lg.experiment.log({f"{split}/feature_density": wandb.Image(fig),
+                                   "trainer/global_step": self.global_step})

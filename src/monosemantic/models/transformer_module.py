@@ -1,0 +1,132 @@
+"""``TransformerModule``: next-token training of the one-layer transformer, and its export.
+
+Export (read by activation caching, eval and steering): a folder with ``config.json`` (the
+:class:`TransformerConfig`, the token store and training facts), ``model.safetensors`` and a copy of
+``tokenizer.json``. Loading uses safetensors only: nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torchmetrics import MeanMetric
+
+from monosemantic.models.components.transformer import Transformer
+
+EXPORT_FORMAT = "monosemantic.transformer"
+EXPORT_VERSION = 1
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.1) -> Callable[[int], float]:
+    """LR multiplier: linear warm-up to 1, then cosine decay to ``min_lr_ratio`` at ``total_steps``."""
+
+    def fn(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return fn
+
+
+class TransformerModule(L.LightningModule):
+    def __init__(self, net: Transformer, optimizer: Callable[..., torch.optim.Optimizer],
+                 warmup_steps: int = 100, min_lr_ratio: float = 0.1, weight_decay_embeddings: bool = False) -> None:
+        """
+        Args:
+            net: the transformer (instantiated from ``model.net``).
+            optimizer: a partial optimizer (``_partial_: true``) given the parameter groups.
+            warmup_steps: linear LR warm-up; cosine decay follows to the end of training.
+            min_lr_ratio: the final LR as a fraction of the peak.
+            weight_decay_embeddings: decay embeddings, biases and norms too (GPT-2 practice: no).
+        """
+        super().__init__()
+        self.save_hyperparameters(logger=False, ignore=["net", "optimizer"])  # weights_only-loadable
+        self.optimizer_factory = optimizer
+        self.net = net
+        self.train_loss = MeanMetric()
+        self.val_loss = MeanMetric()
+
+    def forward(self, tokens_BT: torch.Tensor) -> torch.Tensor:
+        return self.net(tokens_BT)
+
+    def _loss(self, window_BT1: torch.Tensor) -> torch.Tensor:
+        logits_BTV = self.net(window_BT1[:, :-1])
+        return F.cross_entropy(logits_BTV.flatten(0, 1).float(), window_BT1[:, 1:].flatten())
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        loss = self._loss(batch)
+        self.train_loss(loss)
+        self.log("train/loss", self.train_loss, on_step=True, on_epoch=False, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        self.val_loss.update(self._loss(batch), weight=batch.shape[0])
+        self.log("val/loss", self.val_loss, on_step=False, on_epoch=True, prog_bar=True)
+
+    def test_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    def configure_optimizers(self):
+        decay = [p for n, p in self.net.named_parameters() if p.dim() >= 2 and "embed" not in n]
+        no_decay = [p for n, p in self.net.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
+        if self.hparams.weight_decay_embeddings:
+            decay, no_decay = decay + no_decay, []
+        groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+        opt = self.optimizer_factory(params=groups)
+        total = int(self.trainer.estimated_stepping_batches)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, warmup_cosine(min(self.hparams.warmup_steps, max(1, total // 10)), total, self.hparams.min_lr_ratio))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def export_transformer(net: Transformer, out_dir: str | Path, tokenizer_path: str | Path | None,
+                       info: dict | None = None) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` (+ ``tokenizer.json``) into ``out_dir``, atomically."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    if net.cfg.tied_unembed:
+        state.pop("unembed.weight", None)
+    save_file(state, str(tmp / "model.safetensors"))
+    if tokenizer_path is not None:
+        shutil.copy(tokenizer_path, tmp / "tokenizer.json")
+    config = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "model": net.cfg.to_dict(),
+              "hook": "blocks.0.mlp.hook_post", "tokenizer": "tokenizer.json" if tokenizer_path else None,
+              **(info or {})}
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.rename(tmp, out_dir)
+    return out_dir
+
+
+def load_transformer(path: str | Path, device: str | torch.device = "cpu") -> tuple[Transformer, dict]:
+    """Load an exported transformer folder; returns the frozen model (eval mode) and its config.json."""
+    path = Path(path)
+    cfg_path, weights = path / "config.json", path / "model.safetensors"
+    for p in (cfg_path, weights):
+        if not p.is_file():
+            raise FileNotFoundError(f"{p} is missing: {path} is not an exported transformer "
+                                    "(run `python src/train.py experiment=transformer_1l`)")
+    config = json.loads(cfg_path.read_text())
+    if config.get("format") != EXPORT_FORMAT or config.get("version") != EXPORT_VERSION:
+        raise ValueError(f"{cfg_path}: format {config.get('format')!r} v{config.get('version')} is not "
+                         f"{EXPORT_FORMAT!r} v{EXPORT_VERSION}")
+    net = Transformer(**config["model"])
+    missing, unexpected = net.load_state_dict(load_file(str(weights), device="cpu"), strict=False)
+    if unexpected or [k for k in missing if k != "unembed.weight"]:
+        raise ValueError(f"{weights}: missing {missing}, unexpected {unexpected}")
+    net.requires_grad_(False)
+    return net.eval().to(device), config
