@@ -21,7 +21,6 @@ help:
 
 $(VENV)/.torch-$(TORCH):
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
 ifeq ($(TORCH),cuda)
 	$(PIP) install -q torch==$(TORCH_VERSION) $(if $(CUDA_INDEX),--index-url $(CUDA_INDEX))
 else
@@ -69,7 +68,7 @@ test-fast: install-dev
 
 lint: install-dev
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/hadolint Dockerfile
+	$(VENV)/bin/hadolint --config .hadolint.yaml Dockerfile
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

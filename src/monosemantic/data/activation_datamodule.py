@@ -35,11 +35,17 @@ log = logging.getLogger(__name__)
 
 
 class ActivationStream(IterableDataset):
-    """Batches of activations from tar shards. ``with_ids`` also yields each row's context id (for tests)."""
+    """Batches of activations from tar shards. ``with_ids`` also yields each row's context id (for tests).
+
+    ``shard_tokens`` (url → rows, from the manifest) lets a shard that ends early be caught: a tar cut at a
+    512-byte block boundary reads as a clean end of archive. ``split_nodes=False`` reads the same shards on
+    every rank (for estimates that all ranks must share).
+    """
 
     def __init__(self, urls: list[str], d_in: int, batch_size: int, buffer_tokens: int = 0, scale: float = 1.0,
                  seed: int = 0, shuffle: bool = True, infinite: bool = False, drop_last: bool = True,
-                 skip_corrupt: bool = False, with_ids: bool = False) -> None:
+                 skip_corrupt: bool = False, with_ids: bool = False,
+                 shard_tokens: dict[str, int] | None = None, split_nodes: bool = True) -> None:
         super().__init__()
         if not urls:
             raise ShardSetError("no shards to stream")
@@ -47,33 +53,53 @@ class ActivationStream(IterableDataset):
         self.buffer_tokens = max(buffer_tokens, batch_size) if shuffle else batch_size
         self.scale, self.seed, self.shuffle, self.infinite = scale, seed, shuffle, infinite
         self.drop_last, self.skip_corrupt, self.with_ids = drop_last, skip_corrupt, with_ids
+        self.shard_tokens, self.split_nodes = dict(shard_tokens or {}), split_nodes
         self.n_skipped = 0
+        self._reported: set[str] = set()  # shards already reported this pass (one problem, one count)
 
     def _handler(self, exn: Exception) -> bool:
         where = next((a for a in reversed(exn.args) if isinstance(a, str) and ".tar" in a), None)
         msg = f"shard {where or '?'} is truncated or corrupt: {exn.args[0] if exn.args else exn!r}"
         if isinstance(exn, ShardSetError):
             msg = str(exn)
+        elif where:
+            self._reported.add(where)
         if self.skip_corrupt:
             self.n_skipped += 1
             warnings.warn(f"skipping: {msg} (skipped so far: {self.n_skipped})", stacklevel=2)
             return True
         raise ShardSetError(msg) from exn
 
+    def _check_shard_size(self, url: str | None, n_rows: int) -> None:
+        expected = self.shard_tokens.get(url) if url is not None else None
+        if expected is None or n_rows == expected or url in self._reported:
+            return
+        self._reported.add(url)
+        self._handler(ShardSetError(f"shard {url} holds {n_rows} rows but manifest.json lists {expected}: "
+                                    "it is truncated or corrupt"))
+
     def _contexts(self, urls: list[str]) -> Iterator[tuple[np.ndarray, int]]:
+        self._reported = set()
         pipeline = wds.DataPipeline(
-            wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker,
-            wds.tarfile_to_samples(handler=self._handler),
+            wds.SimpleShardList(urls), *([wds.split_by_node] if self.split_nodes else []),
+            wds.split_by_worker, wds.tarfile_to_samples(handler=self._handler),
         )
+        url, n_rows = None, 0  # rows read from the current shard (a worker reads each shard whole)
         for sample in pipeline:
+            if sample.get("__url__") != url:
+                self._check_shard_size(url, n_rows)
+                url, n_rows = sample.get("__url__"), 0
             try:
                 acts = decode_context(sample, self.d_in)["acts"]
             except ShardSetError as e:
+                self._reported.add(url)
                 self._handler(e)
                 continue
+            n_rows += len(acts)
             key = sample["__key__"]
             ctx_id = int(key) if key.isdigit() else zlib.crc32(f"{sample.get('__url__')}/{key}".encode())
             yield acts, ctx_id
+        self._check_shard_size(url, n_rows)
 
     def _emit(self, acts: torch.Tensor, ids: torch.Tensor, n: int) -> Iterator[Any]:
         for b in range(0, n, self.batch_size):
@@ -179,8 +205,9 @@ class ActivationDataModule(L.LightningDataModule):
                  f"{m['n_tokens']:,}", m["d_in"], len(self.train_urls), len(self.val_urls), self.scale)
 
     def _estimate_scale(self, n_tokens: int = 65_536) -> float:
-        stream = ActivationStream(self.train_urls[:4], int(self.manifest["d_in"]), n_tokens, shuffle=False,
-                                  drop_last=False)
+        # every rank reads the same shards (no split by node), so all ranks normalise alike
+        stream = self.stream("train", urls=self.train_urls[:4], batch_size=n_tokens, scale=1.0, shuffle=False,
+                             infinite=False, drop_last=False, split_nodes=False)
         x = next(iter(stream))
         return float(math.sqrt(x.shape[1]) / x.norm(dim=1).mean().clamp_min(1e-8))
 
@@ -190,7 +217,9 @@ class ActivationDataModule(L.LightningDataModule):
                   batch_size=self.hparams.batch_size if train else (self.hparams.val_batch_size
                                                                     or self.hparams.batch_size),
                   buffer_tokens=self.hparams.buffer_tokens, scale=self.scale, seed=self.hparams.seed,
-                  shuffle=train, infinite=train, drop_last=train, skip_corrupt=self.hparams.skip_corrupt)
+                  shuffle=train, infinite=train, drop_last=train, skip_corrupt=self.hparams.skip_corrupt,
+                  shard_tokens={str(self.shards_dir / s["name"]): int(s["n_tokens"])
+                                for s in self.manifest["shards"]})
         kw.update(overrides)
         return ActivationStream(**kw)
 

@@ -1,0 +1,219 @@
+"""Activation caching (DESIGN §4, §8): the shards hold exactly what the manifest says, the rows are the
+transformer's own MLP hook output at the recorded positions, and a killed cache resumes into the same
+set an uninterrupted run writes.
+
+Shards are read back here with ``tarfile`` + ``np.load`` rather than with the project's readers, so these
+tests check the on-disk contract, not the code against itself.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from monosemantic import cache as cache_mod
+from monosemantic.cache import (
+    CacheSettings,
+    cache_dir_for,
+    context_starts,
+    norm_scale,
+    sample_positions,
+    write_activation_cache,
+)
+from monosemantic.data.shards import FORMAT, read_manifest, shard_name
+from monosemantic.data.token_store import load_split
+from monosemantic.models.components.transformer import MLP_HOOK
+from monosemantic.models.transformer_module import load_transformer
+
+# the settings conftest's ``tiny_shards`` was written with
+TINY = CacheSettings(n_contexts=96, tokens_per_context=8, contexts_per_shard=16, batch_size=16)
+N_CTX, D_MLP = 32, 64
+
+
+def read_shard(path: Path) -> dict[str, dict[str, np.ndarray]]:
+    """``{key: {"acts": …, "tokens": …, …}}`` for one tar shard, in file order."""
+    samples: dict[str, dict[str, np.ndarray]] = {}
+    with tarfile.open(path) as tar:
+        for member in tar:
+            key, ext = member.name.split(".", 1)
+            data = tar.extractfile(member).read()
+            samples.setdefault(key, {})[ext.removesuffix(".npy")] = np.load(io.BytesIO(data), allow_pickle=False)
+    return samples
+
+
+def read_set(shards_dir: Path) -> dict[str, dict[str, np.ndarray]]:
+    """All samples of a shard set keyed by context id; fails on a duplicate key across shards."""
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for path in sorted(shards_dir.glob("shard-*.tar")):
+        for key, sample in read_shard(path).items():
+            assert key not in out, f"context {key} appears twice (again in {path.name})"
+            out[key] = sample
+    return out
+
+
+# ---- the pure helpers --------------------------------------------------------------------------------
+
+def test_context_starts_are_distinct_aligned_tiles_and_never_repeat() -> None:
+    starts = context_starts(n_tokens=1000, n_ctx=32, n_contexts=31, seed=3)
+    assert sorted(starts.tolist()) == list(range(0, 31 * 32, 32))  # all 31 tiles, each once
+    assert not np.array_equal(starts, np.sort(starts))  # in a shuffled order
+    np.testing.assert_array_equal(starts, context_starts(1000, 32, 31, seed=3))
+    with pytest.raises(ValueError, match="n_contexts=32 but the token split holds only 31"):
+        context_starts(1000, 32, 32, seed=3)
+
+
+def test_sample_positions_are_sorted_distinct_and_seeded_per_context() -> None:
+    pos = sample_positions(ctx_index=5, n_ctx=32, k=8, seed=0)
+    assert len(set(pos.tolist())) == 8 and np.all(np.diff(pos) > 0) and 0 <= pos.min() and pos.max() < 32
+    np.testing.assert_array_equal(pos, sample_positions(5, 32, 8, 0))
+    assert not np.array_equal(pos, sample_positions(6, 32, 8, 0))
+    with pytest.raises(ValueError, match="tokens_per_context=33 exceeds n_ctx=32"):
+        sample_positions(0, 32, 33, 0)
+
+
+def test_norm_scale_known_value() -> None:
+    acts_NM = np.array([[3.0, 4.0], [6.0, 8.0]])  # norms 5 and 10, mean 7.5
+    assert norm_scale(acts_NM) == pytest.approx(math.sqrt(2) / 7.5)
+
+
+def test_cache_dir_is_keyed_by_contents_not_speed(tmp_path) -> None:
+    a = cache_dir_for("models/tiny", TINY, tmp_path)
+    assert a == cache_dir_for("models/tiny", CacheSettings(**{**vars(TINY), "batch_size": 3}), tmp_path)
+    assert a != cache_dir_for("models/tiny", CacheSettings(**{**vars(TINY), "seed": 1}), tmp_path)
+    assert a.parent == tmp_path and a.name.startswith("tiny-")
+
+
+# ---- the written set ---------------------------------------------------------------------------------
+
+def test_manifest_counts_equal_rows_in_shards(tiny_shards: Path) -> None:
+    m = read_manifest(tiny_shards)
+    assert m["format"] == FORMAT and m["version"] == 1 and m["hook"] == MLP_HOOK
+    assert (m["d_in"], m["dtype"], m["tokens_per_context"], m["n_ctx"]) == (D_MLP, "float16", 8, N_CTX)
+    on_disk = sorted(p.name for p in tiny_shards.glob("shard-*.tar"))
+    assert [s["name"] for s in m["shards"]] == on_disk == [shard_name(i) for i in range(6)]
+
+    total, keys = 0, []
+    for entry in m["shards"]:
+        samples = read_shard(tiny_shards / entry["name"])
+        rows = sum(len(s["acts"]) for s in samples.values())
+        assert rows == entry["n_tokens"] == 16 * 8, entry["name"]
+        for s in samples.values():
+            assert s["acts"].dtype == np.float16 and s["acts"].shape == (8, D_MLP)
+            assert {k: (v.dtype, v.shape) for k, v in s.items() if k != "acts"} == {
+                "tokens": (np.int32, (8,)), "positions": (np.int32, (8,)), "context": (np.int32, (N_CTX,))}
+        total += rows
+        keys += list(samples)
+    assert total == m["n_tokens"] == TINY.n_contexts * TINY.tokens_per_context
+    assert sorted(int(k) for k in keys) == list(range(TINY.n_contexts))  # every context once, no repeats
+    assert not list(tiny_shards.glob("*.tmp"))
+
+    # normalisation: the stored scale brings the first shard's mean norm to exactly √d_in
+    first = np.concatenate([s["acts"] for s in read_shard(tiny_shards / shard_name(0)).values()])
+    mean_norm = np.linalg.norm(first.astype(np.float64) * m["normalization"]["scale"], axis=1).mean()
+    assert mean_norm == pytest.approx(math.sqrt(D_MLP), rel=1e-5)
+
+
+def test_rows_are_the_transformers_hook_output_at_the_recorded_positions(tiny_shards: Path,
+                                                                        transformer_export: Path) -> None:
+    net, cfg = load_transformer(transformer_export)
+    train = load_split(cfg["token_store"], "train")
+    starts = context_starts(len(train), N_CTX, TINY.n_contexts, TINY.seed)
+    samples = {**read_shard(tiny_shards / shard_name(0)), **read_shard(tiny_shards / shard_name(5))}
+    checked = 0
+    for key in sorted(samples)[:3] + sorted(samples)[-3:]:  # first and last shard
+        s, c = samples[key], int(key)
+        # the context is the c-th window of the seeded order; the positions are the seeded draw
+        np.testing.assert_array_equal(s["context"], train[starts[c] : starts[c] + N_CTX].astype(np.int32))
+        np.testing.assert_array_equal(s["positions"], sample_positions(c, N_CTX, 8, TINY.seed))
+        np.testing.assert_array_equal(s["tokens"], s["context"][s["positions"]])
+
+        # the MLP hook's output in a full forward (independent of mlp_acts' early stop)
+        captured = []
+        with torch.no_grad():
+            net.forward_with_mlp_hook(torch.from_numpy(s["context"]).long()[None], captured.append)
+        hook_TM = captured[0][0]
+        acts_KM = torch.from_numpy(s["acts"]).float()
+        torch.testing.assert_close(acts_KM, hook_TM[s["positions"]], rtol=2e-3, atol=1e-3)  # fp16 rounding
+        torch.testing.assert_close(net.mlp_acts(torch.from_numpy(s["context"]).long()[None])[0], hook_TM)
+        assert (acts_KM > 0).any() and (acts_KM == 0).any()  # real post-ReLU rows, not a vacuous match
+        checked += 1
+    assert checked == 6
+
+
+def test_rerunning_a_finished_cache_is_a_no_op(tiny_shards: Path, transformer_export: Path,
+                                               monkeypatch) -> None:
+    before = {p.name: p.stat().st_mtime_ns for p in tiny_shards.iterdir()}
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a finished cache must not even load the transformer")
+
+    monkeypatch.setattr(cache_mod, "load_transformer", fail)
+    t0 = time.perf_counter()
+    out = write_activation_cache(transformer_export, tiny_shards, TINY, progress=False)
+    assert time.perf_counter() - t0 < 1.0
+    assert out == tiny_shards
+    assert {p.name: p.stat().st_mtime_ns for p in tiny_shards.iterdir()} == before
+
+
+# A real process, really killed: the child slows each context write down so the kill lands mid-run
+# (after two whole shards, while the third is a half-written ``.tar.tmp``).
+KILLED_CHILD = """
+import json, sys, time
+import webdataset as wds
+from monosemantic.cache import CacheSettings, write_activation_cache
+write = wds.TarWriter.write
+def slow_write(self, obj):
+    time.sleep(0.05)
+    return write(self, obj)
+wds.TarWriter.write = slow_write
+write_activation_cache(sys.argv[1], sys.argv[2], CacheSettings(**json.loads(sys.argv[3])), progress=False)
+"""
+
+
+@pytest.mark.slow
+def test_killed_cache_resumes_into_the_uninterrupted_set(tiny_shards: Path, transformer_export: Path,
+                                                        tmp_path) -> None:
+    out = tmp_path / "killed"
+    child = subprocess.Popen([sys.executable, "-c", KILLED_CHILD, str(transformer_export), str(out),
+                              json.dumps(vars(TINY))], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    try:
+        while not ((out / shard_name(1)).is_file() and (out / (shard_name(2) + ".tmp")).is_file()):
+            assert child.poll() is None, f"child exited early: {child.stderr.read().decode()[-2000:]}"
+            assert time.monotonic() < deadline, "no shard appeared within 60 s"
+            time.sleep(0.005)
+        child.kill()  # SIGKILL: no cleanup runs
+    finally:
+        child.kill()
+        child.wait()
+        child.stderr.close()
+    assert child.returncode == -9
+
+    complete = sorted(p.name for p in out.glob("shard-*.tar"))
+    assert not (out / "manifest.json").exists()  # the interrupted set is visibly incomplete
+    assert 2 <= len(complete) < 6 and list(out.glob("*.tar.tmp"))
+    mtimes = {n: (out / n).stat().st_mtime_ns for n in complete}
+    with pytest.raises(Exception, match="no manifest.json"):
+        read_manifest(out)
+
+    write_activation_cache(transformer_export, out, TINY, progress=False)
+
+    assert not list(out.glob("*.tmp"))
+    assert {n: (out / n).stat().st_mtime_ns for n in complete} == mtimes  # whole shards kept, not redone
+    resumed, reference = read_set(out), read_set(tiny_shards)  # read_set fails on any duplicate context
+    assert sorted(resumed) == sorted(reference) and len(resumed) == TINY.n_contexts
+    for key, sample in reference.items():
+        for name, arr in sample.items():
+            np.testing.assert_array_equal(resumed[key][name], arr, err_msg=f"{key}.{name}")
+    assert read_manifest(out) == read_manifest(tiny_shards)

@@ -1,0 +1,49 @@
+"""Every experiment runs end to end under a fast-dev-run override (tiny data, real code paths)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import CONFIGS, ROOT, TINY_NET, compose_cfg
+
+from monosemantic.pipeline import run_training
+
+EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
+
+
+def tiny_overrides(experiment: str, token_store, tiny_shards) -> list[str]:
+    if experiment == "transformer_1l":
+        net = [f"model.net.{k}={v}" for k, v in TINY_NET.items() if k != "n_ctx"]
+        return [f"data.store_dir={token_store}", f"data.n_ctx={TINY_NET['n_ctx']}", "data.batch_size=8", *net]
+    return [f"data.shards={tiny_shards}", "data.batch_size=64", "data.val_batch_size=64", "data.buffer_tokens=256",
+            "data.lr_windows=4", "data.lr_batch_size=4", "model.b_dec_init_tokens=128"]
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_fast_dev_run(experiment, token_store, tiny_shards, data_root, tmp_path):
+    cfg = compose_cfg("train", [f"experiment={experiment}", "debug=fdr",
+                                *tiny_overrides(experiment, token_store, tiny_shards)], tmp_path, data_root)
+    metrics = run_training(cfg)
+    if experiment == "transformer_1l":
+        assert "val/loss" in metrics
+        assert (tmp_path / "export" / "model.safetensors").is_file()
+        assert json.loads((tmp_path / "export" / "config.json").read_text())["model"]["d_mlp"] == TINY_NET["d_mlp"]
+    else:
+        final = json.loads((tmp_path / "metrics.json").read_text())
+        for key in ("l0", "explained_variance", "loss_recovered", "dead_frac", "dense_frac", "ultralow_frac", "kl"):
+            assert key in final, key
+        cfg_json = json.loads((tmp_path / "export" / "cfg.json").read_text())
+        assert cfg_json["d_sae"] == int(experiment.split("_")[1]) and cfg_json["d_in"] == TINY_NET["d_mlp"]
+
+
+@pytest.mark.slow
+def test_multirun_glob_of_sae_experiments_through_the_entry_point(tiny_shards, tmp_path):
+    """`python src/train.py -m 'experiment=glob(sae_*)'`: one job per experiment, each with its own dir."""
+    over = tiny_overrides("sae", None, tiny_shards)
+    cmd = [sys.executable, str(ROOT / "src" / "train.py"), "-m", "experiment=glob(sae_5*,sae_4*)", "debug=fdr",
+           *over, f"hydra.sweep.dir={tmp_path}"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    jobs = sorted(p for p in tmp_path.iterdir() if p.is_dir() and (p / "metrics.json").is_file())
+    assert len(jobs) == 2

@@ -1,0 +1,148 @@
+"""Corpus → tokenizer → token store → TokenDataModule."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from monosemantic.data.corpus import Corpus, CorpusConfig, CorpusError
+from monosemantic.data.token_datamodule import TokenDataModule
+from monosemantic.data.token_store import build_token_store, load_split, read_meta, unigram_entropy
+from monosemantic.data.tokenizer import EOT, TokenizerConfig, load_tokenizer, train_bpe
+
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.\n",
+    "def f(x):\n    return x ** 2  # squares\n\n",
+    "Unicode: naïve café — Ελληνικά, 日本語, emoji 🙂\t tabs\r\n",
+    "   leading spaces and trailing   ",
+]
+
+
+def test_tokenizer_round_trips_text(token_store):
+    tok = load_tokenizer(token_store / "tokenizer.json")
+    for text in TEXTS:
+        assert tok.decode(tok.encode(text).ids) == text
+    assert tok.token_to_id(EOT) == 0
+
+
+def test_bpe_compresses_and_round_trips():
+    tok = train_bpe(TEXTS * 50, vocab_size=300)
+    for text in TEXTS:
+        ids = tok.encode(text).ids
+        assert tok.decode(ids) == text
+    assert len(tok.encode(TEXTS[0]).ids) < len(TEXTS[0].encode())  # merges learned
+
+
+def test_store_counts_match_meta(token_store):
+    meta = read_meta(token_store)
+    for split in ("train", "val"):
+        arr = load_split(token_store, split)
+        assert len(arr) == meta["n_tokens"][split] > 0
+        assert (token_store / f"{split}.bin").stat().st_size == len(arr) * np.dtype(meta["dtype"]).itemsize
+        assert int(arr.max()) < meta["vocab_size"]
+        # every document ends with <|endoftext|>, so the count of EOT equals the document count
+        assert int((np.asarray(arr) == meta["eot_token"]).sum()) == meta["n_docs"][split]
+    assert meta["dtype"] == "uint16" and meta["vocab_size"] == 512
+    assert len(meta["corpus"]["sha256"]) == 64
+
+
+def test_store_is_reused_and_damage_detected(token_store, data_root, tmp_path):
+    from conftest import TINY_CORPUS, TINY_TOKENIZER
+
+    mtime = (token_store / "train.bin").stat().st_mtime_ns
+    again = build_token_store(CorpusConfig(**TINY_CORPUS), TokenizerConfig(**TINY_TOKENIZER), data_root, 0.1)
+    assert again == token_store and (again / "train.bin").stat().st_mtime_ns == mtime
+    # a different tokenizer setting gives a different store, never the stale one
+    other = CorpusConfig(**{**TINY_CORPUS, "max_bytes": 100_000})
+    assert build_token_store(other, TokenizerConfig(**TINY_TOKENIZER), data_root, 0.1) != token_store
+    # a truncated .bin is refused with the file named
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in ("meta.json", "val.bin", "tokenizer.json"):
+        (bad / f).write_bytes((token_store / f).read_bytes())
+    (bad / "train.bin").write_bytes((token_store / "train.bin").read_bytes()[:100])
+    with pytest.raises(ValueError, match="train.bin"):
+        load_split(bad, "train")
+
+
+def test_local_files_corpus_text_json_parquet(tmp_path):
+    (tmp_path / "a.txt").write_text("line one\nline two\n")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "doc one"}) + "\n" + json.dumps({"text": "doc two"}) + "\n")
+    import datasets
+
+    datasets.Dataset.from_dict({"body": ["p one", "p two"]}).to_parquet(str(tmp_path / "c.parquet"))
+    docs = list(Corpus(CorpusConfig(kind="files", data_files=str(tmp_path / "*.txt")), tmp_path).documents())
+    assert docs == ["line one", "line two"]
+    docs = list(Corpus(CorpusConfig(kind="files", builder="json", data_files=str(tmp_path / "*.jsonl")),
+                       tmp_path).documents())
+    assert docs == ["doc one", "doc two"]
+    cfg = CorpusConfig(kind="files", builder="parquet", data_files=[str(tmp_path / "c.parquet")], text_field="body")
+    assert list(Corpus(cfg, tmp_path).documents()) == ["p one", "p two"]
+    with pytest.raises(CorpusError, match="text_field"):
+        list(Corpus(CorpusConfig(kind="files", builder="parquet", data_files=[str(tmp_path / "c.parquet")]),
+                    tmp_path).documents())
+    with pytest.raises(CorpusError, match="matches no file"):
+        Corpus(CorpusConfig(kind="files", data_files=str(tmp_path / "*.nope")), tmp_path)
+
+
+def test_hub_corpus_fails_fast_offline(tmp_path):
+    """The hub path is real code; offline it fails at once with the dataset named, not after retries."""
+    code = ("from monosemantic.data.corpus import *\n"
+            "c = Corpus(CorpusConfig(kind='hub', path='monology/pile-uncopyrighted'), '.')\n"
+            "next(c.documents())")
+    env = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60,
+                       cwd=tmp_path)
+    assert r.returncode != 0
+    assert "could not load corpus" in r.stderr and "pile-uncopyrighted" in r.stderr
+
+
+def test_missing_linux_doc_names_the_fix(tmp_path):
+    with pytest.raises(CorpusError, match="make corpus"):
+        Corpus(CorpusConfig(kind="linux_doc", root=str(tmp_path / "nowhere")), tmp_path)
+
+
+def _dm(store, data_root, seed=0, **kw):
+    dm = TokenDataModule(str(data_root), n_ctx=32, batch_size=8, seed=seed, store_dir=str(store), **kw)
+    dm.setup()
+    return dm
+
+
+def test_datamodule_deterministic_for_seed(token_store, data_root):
+    a = torch.cat(list(_dm(token_store, data_root, 1).train_dataloader())[:5])
+    b = torch.cat(list(_dm(token_store, data_root, 1).train_dataloader())[:5])
+    c = torch.cat(list(_dm(token_store, data_root, 2).train_dataloader())[:5])
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.shape == (40, 33) and a.dtype == torch.int64
+    v1 = torch.cat(list(_dm(token_store, data_root, 1).val_dataloader()))
+    v2 = torch.cat(list(_dm(token_store, data_root, 2).val_dataloader()))
+    assert torch.equal(v1, v2), "the held-out set does not depend on the seed"
+
+
+def test_val_windows_never_overlap_train(token_store, data_root):
+    """No held-out window shares a 16-token span with the train split (documents are split, not windows)."""
+    dm = _dm(token_store, data_root, val_windows=None)
+    train = np.asarray(load_split(token_store, "train"), dtype=np.int64)
+    k = 16
+
+    def grams(a):
+        w = np.lib.stride_tricks.sliding_window_view(a, k)
+        return {hash(r.tobytes()) for r in w}
+
+    train_grams = grams(train)
+    val_windows = torch.cat(list(dm.val_dataloader())).numpy()
+    assert len(val_windows) == len(dm.val_set)
+    shared = sum(len(grams(w) & train_grams) for w in val_windows)
+    n = sum(len(w) - k + 1 for w in val_windows)
+    assert shared / n < 0.01, f"{shared} of {n} held-out 16-grams also occur in train"
+    # and windows tile val.bin without overlap
+    starts = dm.val_set.starts
+    assert np.all(np.diff(starts) == 33)
+
+
+def test_unigram_entropy_known_value():
+    assert unigram_entropy(np.array([0, 1, 0, 1]), 4) == pytest.approx(np.log(2))
+    assert unigram_entropy(np.array([3, 3, 3]), 4) == pytest.approx(0.0)
