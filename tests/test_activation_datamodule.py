@@ -66,7 +66,8 @@ def write_synthetic_set(out: Path, d_in: int = 24, n_shards: int = 4, contexts_p
         acts = []
         with wds.TarWriter(str(out / shard_name(i))) as sink:
             for c in range(contexts_per_shard):
-                a = (rng.standard_normal((rows, d_in)) * 37.0 * rng.lognormal(sigma=0.25, size=(rows, 1))).astype(np.float32)
+                norms = 37.0 * rng.lognormal(sigma=0.25, size=(rows, 1))
+                a = (rng.standard_normal((rows, d_in)) * norms).astype(np.float32)
                 if nan_at == (i, c):
                     a[3, 5] = np.nan
                 sink.write({"__key__": f"s{i}-c{c}", "acts.npy": npy(a)})

@@ -10,7 +10,8 @@ from conftest import ROOT
 
 def test_dockerfile_lints_clean():
     hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
-    r = subprocess.run([hadolint, "--config", str(ROOT / ".hadolint.yaml"), str(ROOT / "Dockerfile")], capture_output=True, text=True, timeout=60)
+    cmd = [hadolint, "--config", str(ROOT / ".hadolint.yaml"), str(ROOT / "Dockerfile")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
 
 

@@ -17,12 +17,20 @@ def test_shapes_and_init(sae: SparseAutoencoder) -> None:
     assert sae.b_enc.shape == (32,) and sae.b_dec.shape == (8,)
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(32))
     assert torch.all(sae.b_enc == 0) and torch.all(sae.b_dec == 0)
+    # tied start (default): the encoder begins as the decoder's transpose, as separate parameters
+    torch.testing.assert_close(sae.W_enc, sae.W_dec.T)
+    assert sae.W_enc.data_ptr() != sae.W_dec.data_ptr()
+    assert [n for n, _ in sae.named_parameters()] == ["W_enc", "b_enc", "W_dec", "b_dec"]
+
+
+def test_paper_init_is_untied() -> None:
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(8, 32, tied_init=False)
     # Kaiming-uniform with fan_in = d_in: |W_enc| ≤ sqrt(6 / d_in)
     assert sae.W_enc.abs().max() <= (6 / 8) ** 0.5
-    # untied: the encoder is not the decoder's transpose (up to scale)
+    # independent draws: the encoder is not the decoder's transpose (up to scale)
     cos = torch.nn.functional.cosine_similarity(sae.W_enc.T, sae.W_dec, dim=1)
     assert cos.abs().max() < 0.999
-    assert [n for n, _ in sae.named_parameters()] == ["W_enc", "b_enc", "W_dec", "b_dec"]
 
 
 def test_forward_is_decode_of_encode(sae: SparseAutoencoder) -> None:

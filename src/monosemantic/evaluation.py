@@ -8,7 +8,14 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from monosemantic.metrics import L0, ExplainedVariance, FeatureDensity, LossRecovered, ReconstructionMSE, splice_losses
+from monosemantic.metrics import (
+    L0,
+    ExplainedVariance,
+    FeatureDensity,
+    LossRecovered,
+    ReconstructionMSE,
+    splice_losses,
+)
 from monosemantic.models.components import hooks
 
 
@@ -44,16 +51,15 @@ class SAEMetrics(nn.Module):
             ablate = hooks.zero_ablate()
         self.loss_recovered.update(*splice_losses(transformer, tokens_BT, reconstruct, ablate))
 
-    def compute_and_reset(self) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
-        if self.mse.update_count:
-            out["mse"] = self.mse.compute()
-            out["explained_variance"] = self.explained_variance.compute()
-            out["l0"] = self.l0.compute()
-            density = self.density.compute()
-            out.update({k: density[k] for k in ("dead_frac", "dense_frac", "ultralow_frac", "log10_density")})
-            out["n_tokens"] = self.density.n_tokens.clone()
-        if self.loss_recovered.update_count:
+    def compute_and_reset(self, with_tokens: bool) -> dict[str, torch.Tensor]:
+        """Compute and reset. Every rank must call this with the same ``with_tokens`` (under DDP the metrics
+        all-gather in ``compute``, so it runs on a rank that saw no batch too: its states are zeros)."""
+        density = self.density.compute()
+        out = {"mse": self.mse.compute(), "explained_variance": self.explained_variance.compute(),
+               "l0": self.l0.compute(), **{k: density[k] for k in ("dead_frac", "dense_frac", "ultralow_frac",
+                                                                    "log10_density")},
+               "n_tokens": self.density.n_tokens.clone()}
+        if with_tokens:
             out.update(self.loss_recovered.compute())
         for m in (self.mse, self.explained_variance, self.l0, self.density, self.loss_recovered):
             m.reset()
@@ -82,7 +88,7 @@ def evaluate(sae: nn.Module, acts_batches: Iterable[torch.Tensor], token_batches
 
         for tokens in token_batches:
             m.update_tokens(transformer, tokens.to(device), reconstruct, mean_acts_M)
-    result = m.compute_and_reset()
+    result = m.compute_and_reset(with_tokens=transformer is not None and token_batches is not None)
     out: dict[str, float | list] = {k: (v.tolist() if v.ndim else float(v)) for k, v in result.items()}
     out["eval_seconds"] = round(time.time() - start, 2)
     return out

@@ -35,7 +35,8 @@ class SAEModule(L.LightningModule):
     def __init__(self, d_sae: int, l1_coeff: float, optimizer: Callable[..., torch.optim.Optimizer],
                  d_in: int | None = None, l1_reduction: str = "sum_features_mean_tokens",
                  l1_warmup_steps: int = 0, dead_window_tokens: int = 10_000_000, b_dec_init: str = "geometric_median",
-                 b_dec_init_tokens: int = 16_384, ablation: str = "zero", lr_decay_start: float = 1.0) -> None:
+                 b_dec_init_tokens: int = 16_384, ablation: str = "zero", lr_decay_start: float = 1.0,
+                 tied_init: bool = True) -> None:
         """
         Args:
             d_sae: dictionary size (A/1: 4,096).
@@ -48,6 +49,7 @@ class SAEModule(L.LightningModule):
             b_dec_init: "geometric_median" of a sample (paper) or "zeros".
             ablation: "zero" (paper) or "mean" baseline for loss recovered.
             lr_decay_start: fraction of training after which the LR decays linearly to 0 (1.0: constant LR).
+            tied_init: initialise W_enc as W_dec^T (see :class:`SparseAutoencoder`); false is the paper's.
         """
         super().__init__()
         if d_in is None:
@@ -56,7 +58,7 @@ class SAEModule(L.LightningModule):
             raise ValueError(f"model.l1_reduction={l1_reduction!r}: only 'sum_features_mean_tokens' is implemented")
         self.save_hyperparameters(logger=False, ignore=["optimizer"])  # checkpoints stay weights_only-loadable
         self.optimizer_factory = optimizer
-        self.sae = SparseAutoencoder(d_in, d_sae)
+        self.sae = SparseAutoencoder(d_in, d_sae, tied_init)
         self.register_buffer("tokens_since_fired", torch.zeros(d_sae, dtype=torch.int64))
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.int64))
         self.val_metrics = SAEMetrics(d_in, d_sae, ablation)
@@ -160,7 +162,7 @@ class SAEModule(L.LightningModule):
             self.val_metrics.update_tokens(net, batch, self.reconstruct_raw, self._mean_acts)
 
     def on_validation_epoch_end(self) -> None:
-        metrics = self.val_metrics.compute_and_reset()
+        metrics = self.val_metrics.compute_and_reset(with_tokens=self.transformer is not None)
         log10_density = metrics.pop("log10_density")
         self.log_dict({f"val/{k}": v for k, v in metrics.items()}, sync_dist=False)
         train = self.train_density.compute()

@@ -121,8 +121,8 @@ def apply_extras(cfg: DictConfig) -> None:
     if extras.get("ignore_warnings"):
         warnings.filterwarnings("ignore")
     if extras.get("print_config"):
-        from rich.syntax import Syntax
         from rich.console import Console
+        from rich.syntax import Syntax
 
         Console().print(Syntax(OmegaConf.to_yaml(cfg, resolve=False), "yaml", theme="ansi_dark"))
     if extras.get("save_config", True):
