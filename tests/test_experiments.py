@@ -40,8 +40,9 @@ def test_experiment_fast_dev_run(experiment, token_store, tiny_shards, data_root
 @pytest.mark.slow
 def test_multirun_glob_of_sae_experiments_through_the_entry_point(tiny_shards, tmp_path):
     """`python src/train.py -m 'experiment=glob(sae_*)'`: one job per experiment, each with its own dir."""
-    over = tiny_overrides("sae", None, tiny_shards)
-    cmd = [sys.executable, str(ROOT / "src" / "train.py"), "-m", "experiment=glob(sae_5*,sae_4*)", "debug=fdr",
+    # `++`: the sweeper first composes without the swept experiment, where data.shards does not exist yet
+    over = ["++" + o for o in tiny_overrides("sae", None, tiny_shards)]
+    cmd = [sys.executable, str(ROOT / "src" / "train.py"), "-m", "experiment=glob([sae_5*,sae_4*])", "debug=fdr",
            *over, f"hydra.sweep.dir={tmp_path}"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -30,7 +30,10 @@ def load_any(path: Path) -> tuple[SparseAutoencoder, float, str | None]:
         return sae, 1.0, cfg.get("metadata", {}).get("dataset_path")
     if not path.is_file():
         raise FileNotFoundError(f"ckpt_path={path} is neither a checkpoint file nor an export folder")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
+    except Exception as e:  # torch raises RuntimeError/UnpicklingError/EOFError for foreign files
+        raise ValueError(f"{path} cannot be read as a Lightning checkpoint: {e}") from e
     state = ckpt.get("state_dict", {})
     if "sae.W_enc" not in state:
         raise ValueError(f"{path} is not an SAE checkpoint (no sae.W_enc in its state_dict)")

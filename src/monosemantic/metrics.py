@@ -129,8 +129,12 @@ class FeatureDensity(_SumMetric):
         feats_NF = feats.detach().reshape(-1, feats.shape[-1])
         if feats_NF.shape[1] != self.d_sae:
             raise ValueError(f"FeatureDensity(d_sae={self.d_sae}) got features of width {feats_NF.shape[1]}")
-        self.fire_counts += (feats_NF > 0).sum(dim=0).to(_f64)
-        self.n_tokens += feats_NF.shape[0]
+        self.update_counts((feats_NF > 0).sum(dim=0), feats_NF.shape[0])
+
+    def update_counts(self, fires_F: torch.Tensor, n_tokens: int) -> None:
+        """Add per-feature firing counts over ``n_tokens`` tokens (for callers that hold sparse features)."""
+        self.fire_counts += fires_F.to(_f64)
+        self.n_tokens += n_tokens
 
     def compute(self) -> dict[str, torch.Tensor]:
         density_F = self.fire_counts / self.n_tokens

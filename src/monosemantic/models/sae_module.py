@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from monosemantic.evaluation import SAEMetrics
 from monosemantic.metrics import density_histogram_figure, save_density_histogram
 from monosemantic.models.components.sae import SparseAutoencoder
+from monosemantic.models.components.sparse_step import sparse_forward
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ class SAEModule(L.LightningModule):
                  d_in: int | None = None, l1_reduction: str = "sum_features_mean_tokens",
                  l1_warmup_steps: int = 0, dead_window_tokens: int = 10_000_000, b_dec_init: str = "geometric_median",
                  b_dec_init_tokens: int = 16_384, ablation: str = "zero", lr_decay_start: float = 1.0,
-                 tied_init: bool = True) -> None:
+                 tied_init: bool = True, sparse_step: bool = True, sparse_max_density: float = 0.05) -> None:
         """
         Args:
             d_sae: dictionary size (A/1: 4,096).
@@ -50,6 +51,9 @@ class SAEModule(L.LightningModule):
             ablation: "zero" (paper) or "mean" baseline for loss recovered.
             lr_decay_start: fraction of training after which the LR decays linearly to 0 (1.0: constant LR).
             tied_init: initialise W_enc as W_dec^T (see :class:`SparseAutoencoder`); false is the paper's.
+            sparse_step: train with the sparsity-aware forward/backward (same math, ~4× fewer FLOPs; see
+                :mod:`.components.sparse_step`) whenever the last step's L0 was below
+                ``sparse_max_density · d_sae``; otherwise (early training) the dense path.
         """
         super().__init__()
         if d_in is None:
@@ -64,6 +68,7 @@ class SAEModule(L.LightningModule):
         self.val_metrics = SAEMetrics(d_in, d_sae, ablation)
         self.train_density = SAEMetrics(d_in, d_sae, ablation).density
         self.register_buffer("norm_scale_buf", torch.ones(()))  # checkpointed: eval needs the scale
+        self._last_l0 = float(d_sae)  # start dense: at initialisation about half the features fire
         self._frozen: list[Any] = []  # [transformer], kept out of the module tree and the checkpoint
         self._mean_acts: torch.Tensor | None = None
 
@@ -101,16 +106,24 @@ class SAEModule(L.LightningModule):
         return (out.x_hat - x_NM).pow(2).mean(-1) + self.hparams.l1_coeff * out.feats.sum(-1)
 
     def training_step(self, x_BM: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        out = self.sae(x_BM)
-        mse = F.mse_loss(out.x_hat.float(), x_BM)
-        l1 = out.feats.float().sum(-1).mean()  # feats ≥ 0 after ReLU, so Σ|f| = Σf
+        B, d_sae = x_BM.shape[0], self.hparams.d_sae
+        if self.hparams.sparse_step and self._last_l0 < self.hparams.sparse_max_density * d_sae:
+            out = sparse_forward(self.sae, x_BM)
+            mse = F.mse_loss(out.x_hat, x_BM)
+            l1 = out.feats.vals.sum() / B  # feats ≥ 0 after ReLU, so Σ|f| = Σf
+            fires_F = torch.bincount(out.feats.cols, minlength=d_sae)
+        else:
+            out = self.sae(x_BM)
+            mse = F.mse_loss(out.x_hat.float(), x_BM)
+            l1 = out.feats.float().sum(-1).mean()
+            fires_F = (out.feats > 0).sum(0)
         loss = mse + self.l1_coeff_now() * l1
         with torch.no_grad():
-            active_BF = out.feats > 0
-            self._count_firing(active_BF.sum(0), x_BM.shape[0])
-            self.train_density.update(out.feats.detach())
-            self.log_dict({"train/loss": loss, "train/mse": mse, "train/l1": l1,
-                           "train/l0": active_BF.sum(-1).float().mean(),
+            l0 = float(fires_F.sum()) / B
+            self._last_l0 = l0
+            self._count_firing(fires_F, B)
+            self.train_density.update_counts(fires_F, B)
+            self.log_dict({"train/loss": loss, "train/mse": mse, "train/l1": l1, "train/l0": l0,
                            "train/dead_frac": self.dead_frac(), "train/l1_coeff": self.l1_coeff_now()},
                           on_step=True, on_epoch=False, prog_bar=False)
             self.log("train/tokens", self.tokens_seen.float(), on_step=True, on_epoch=False)
