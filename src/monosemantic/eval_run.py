@@ -63,7 +63,7 @@ def run_eval(cfg: DictConfig) -> dict:
     if cfg.ablation == "mean":
         mean_acts = dm.sample_activations(65_536, seed=1).mean(0)
     # dm streams raw activations (normalize=False); evaluate() expects them in the SAE's input space
-    acts = (x * scale for x in dm.stream("val"))
+    acts = (x * scale for x in dm.stream("val", split_nodes=False))
     windows = dm.lr_windows()
     tokens = torch.utils.data.DataLoader(windows, batch_size=16) if windows is not None else None
     metrics = evaluate(sae, acts, tokens, transformer, scale, cfg.ablation, mean_acts, cfg.device)

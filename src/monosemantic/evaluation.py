@@ -22,16 +22,18 @@ from monosemantic.models.components import hooks
 class SAEMetrics(nn.Module):
     """MSE, explained variance, L0, densities (on activations) and loss recovered (on token windows)."""
 
-    def __init__(self, d_in: int, d_sae: int, ablation: str = "zero") -> None:
+    def __init__(self, d_in: int, d_sae: int, ablation: str = "zero", sync: bool = True) -> None:
+        """``sync=False`` for a single-process evaluation inside a distributed job (rank 0 after training)."""
         super().__init__()
         if ablation not in ("zero", "mean"):
             raise ValueError(f"ablation={ablation!r} is not 'zero' or 'mean'")
         self.ablation = ablation
-        self.mse = ReconstructionMSE()
-        self.explained_variance = ExplainedVariance(d_in)
-        self.l0 = L0()
-        self.density = FeatureDensity(d_sae)
-        self.loss_recovered = LossRecovered(ablation)
+        kw = {"sync_on_compute": sync}
+        self.mse = ReconstructionMSE(**kw)
+        self.explained_variance = ExplainedVariance(d_in, **kw)
+        self.l0 = L0(**kw)
+        self.density = FeatureDensity(d_sae, **kw)
+        self.loss_recovered = LossRecovered(ablation, **kw)
 
     @torch.no_grad()
     def update_acts(self, x_BM: torch.Tensor, x_hat_BM: torch.Tensor, feats_BF: torch.Tensor) -> None:
@@ -70,11 +72,11 @@ class SAEMetrics(nn.Module):
 def evaluate(sae: nn.Module, acts_batches: Iterable[torch.Tensor], token_batches: Iterable[torch.Tensor] | None,
              transformer: nn.Module | None, scale: float = 1.0, ablation: str = "zero",
              mean_acts_M: torch.Tensor | None = None, device: str = "cpu") -> dict[str, float | list]:
-    """All metrics for ``sae`` on held-out data. ``acts_batches`` are activations already multiplied by
+    """All metrics for ``sae`` on held-out data, in this process alone (no cross-rank sync). ``acts_batches`` are activations already multiplied by
     ``scale`` (the SAE's input space); token windows go through ``transformer`` with raw activations."""
     start = time.time()
     d_in, d_sae = sae.W_enc.shape
-    m = SAEMetrics(d_in, d_sae, ablation).to(device)
+    m = SAEMetrics(d_in, d_sae, ablation, sync=False).to(device)
     sae = sae.to(device).eval()
     for x in acts_batches:
         x = x.to(device)

@@ -85,7 +85,7 @@ def train_sae(cfg: DictConfig) -> dict:
     t0 = time.time()
     out = Path(cfg.paths.output_dir)
     sae = model.sae.float().cpu()
-    final = evaluate(sae, dm.stream("val", batch_size=8192), _lr_loader(dm, cfg), transformer, dm.scale,
+    final = evaluate(sae, dm.stream("val", batch_size=8192, split_nodes=False), _lr_loader(dm, cfg), transformer, dm.scale,
                      cfg.model.ablation, mean_acts)
     log10_density = torch.tensor(final.pop("log10_density"))
     save_density_histogram(log10_density, out / "plots" / "final_density.png", title="held-out feature density")

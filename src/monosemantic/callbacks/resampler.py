@@ -118,6 +118,7 @@ class NeuronResampler(L.Callback):
         self.seed = int(seed)
         self.score_chunk = int(score_chunk)
         self.done_steps: list[int] = []
+        self.history: list[dict[str, int]] = []  # this process's events (logged, not checkpointed)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
@@ -126,8 +127,12 @@ class NeuronResampler(L.Callback):
             return
         self.done_steps.append(step)
         n = self.resample(trainer, pl_module, step)
-        pl_module.log("resample/n_resampled", float(n), on_step=True, on_epoch=False, rank_zero_only=False)
-        pl_module.log("resample/step", float(step), on_step=True, on_epoch=False, rank_zero_only=False)
+        self.history.append({"step": step, "n_resampled": n})
+        # straight to the loggers: `self.log` on_step would be dropped unless the step is a multiple of
+        # trainer.log_every_n_steps, and every resampling event must be recorded
+        if trainer.is_global_zero:
+            for lg in trainer.loggers:
+                lg.log_metrics({"resample/n_resampled": float(n), "resample/step": float(step)}, step=step)
 
     @torch.no_grad()
     def resample(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> int:
