@@ -31,6 +31,7 @@ from bench_activations import sae_step
 from monosemantic.data.activation_datamodule import ActivationDataModule
 from monosemantic.data.synthetic import random_directions, write_synthetic_shards
 from monosemantic.models.components.sae import SparseAutoencoder
+from monosemantic.models.components.sparse_step import sparse_forward
 from monosemantic.models.sae_module import SAEModule
 
 TARGET = 0.9
@@ -55,11 +56,13 @@ def matmul_gflops(d_in: int, d_sae: int, batch: int, dtype: torch.dtype, reps: i
 
 
 def lightning_tokens_per_s(shards: Path, d_sae: int, batch: int, steps: int, warmup: int, precision: str,
-                           l1: float) -> float:
+                           l1: float, sparse: bool, init: dict | None) -> float:
     dm = ActivationDataModule(shards=str(shards), batch_size=batch, seed=0, lr_windows=0)
     dm.setup()
     module = SAEModule(d_sae=d_sae, l1_coeff=l1, optimizer=functools.partial(torch.optim.Adam, lr=1e-3),
-                       d_in=dm.d_in, b_dec_init="zeros", dead_window_tokens=10**9)
+                       d_in=dm.d_in, b_dec_init="zeros", dead_window_tokens=10**9, sparse_step=sparse)
+    if init is not None:
+        module.sae.load_state_dict(init)
     timer = StepTimer()
     trainer = L.Trainer(max_steps=steps + warmup, accelerator="cpu", precision=precision, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -69,21 +72,42 @@ def lightning_tokens_per_s(shards: Path, d_sae: int, batch: int, steps: int, war
     return batch / dt
 
 
+def sparse_sae_step(sae: SparseAutoencoder, opt: torch.optim.Optimizer, x_BM: torch.Tensor, l1: float) -> float:
+    """``sae_step`` with the sparsity-aware forward/backward, as ``SAEModule(sparse_step=True)`` runs it."""
+    out = sparse_forward(sae, x_BM)
+    loss = torch.nn.functional.mse_loss(out.x_hat, x_BM) + l1 * out.feats.vals.sum() / x_BM.shape[0]
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    sae.remove_parallel_grads_()
+    opt.step()
+    sae.normalize_decoder_()
+    return out.feats.vals.numel() / x_BM.shape[0]
+
+
 def hand_tokens_per_s(shards: Path, d_sae: int, batch: int, steps: int, warmup: int, precision: str,
-                      l1: float) -> float:
+                      l1: float, sparse: bool, init: dict | None) -> float:
     dm = ActivationDataModule(shards=str(shards), batch_size=batch, seed=0, lr_windows=0)
     dm.setup()
     x_NM = dm.sample_activations(batch * (steps + warmup), seed=0)
     n = x_NM.shape[0] // batch
     torch.manual_seed(0)
     sae = SparseAutoencoder(dm.d_in, d_sae)
+    if init is not None:
+        sae.load_state_dict(init)
+    last_l0 = float(d_sae)  # the module's rule: sparse once the previous step's L0 < 5% of d_sae
     opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
     autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if precision.startswith("bf16")
                 else contextlib.nullcontext())
     times = []
     for i in range(steps + warmup):
         with autocast:
-            sae_step(sae, opt, x_NM[(i % n) * batch : (i % n + 1) * batch], l1)
+            x_BM = x_NM[(i % n) * batch : (i % n + 1) * batch]
+            if sparse and last_l0 < 0.05 * d_sae:
+                last_l0 = sparse_sae_step(sae, opt, x_BM, l1)
+            else:
+                sae_step(sae, opt, x_BM, l1)
+                with torch.no_grad():
+                    last_l0 = float((sae.encode(x_BM) > 0).sum()) / x_BM.shape[0]
         times.append(time.perf_counter())
     return batch / statistics.median(b - a for a, b in zip(times[warmup:], times[warmup + 1:]))
 
@@ -98,6 +122,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--precision", choices=["32-true", "bf16-mixed"], default="32-true")
     p.add_argument("--l1", type=float, default=8e-3)
+    p.add_argument("--init", type=Path, help="start from this SAE export (realistic sparsity); default: fresh init")
+    p.add_argument("--dense", action="store_true", help="dense steps only (model.sparse_step=false)")
     p.add_argument("--quick", action="store_true", help="small synthetic set, d_sae 1024, 2 repeats")
     p.add_argument("--out", type=Path)
     a = p.parse_args()
@@ -111,15 +137,27 @@ def main() -> None:
                                           p_active=0.01, rows_per_sample=1024, samples_per_shard=8)
     d_in = ActivationDataModule(shards=str(a.shards), lr_windows=0).d_in
 
+    init = None
+    if a.init is not None:  # the export works on raw activations: bring it back to the normalised space
+        from monosemantic.export import load_sae
+
+        sae, _ = load_sae(a.init)
+        dm = ActivationDataModule(shards=str(a.shards), lr_windows=0)
+        dm.setup()
+        scale = dm.scale
+        init = {k: v * scale if k in ("b_enc", "b_dec") else v for k, v in sae.state_dict().items()}
     light, hand = [], []
     for r in range(a.repeats):
-        light.append(lightning_tokens_per_s(a.shards, a.d_sae, a.batch, a.steps, a.warmup, a.precision, a.l1))
-        hand.append(hand_tokens_per_s(a.shards, a.d_sae, a.batch, a.steps, a.warmup, a.precision, a.l1))
+        light.append(lightning_tokens_per_s(a.shards, a.d_sae, a.batch, a.steps, a.warmup, a.precision, a.l1,
+                                            not a.dense, init))
+        hand.append(hand_tokens_per_s(a.shards, a.d_sae, a.batch, a.steps, a.warmup, a.precision, a.l1,
+                                      not a.dense, init))
         print(f"repeat {r}: lightning {light[-1]:,.0f} tok/s, hand loop {hand[-1]:,.0f} tok/s", flush=True)
     dtype = torch.bfloat16 if a.precision.startswith("bf16") else torch.float32
     gflops = statistics.median(matmul_gflops(d_in, a.d_sae, a.batch, dtype) for _ in range(3))
     bound = gflops * 1e9 / (12 * d_in * a.d_sae)
     res = {"shards": str(a.shards), "d_in": d_in, "d_sae": a.d_sae, "batch": a.batch, "precision": a.precision,
+           "sparse_step": not a.dense, "init": str(a.init) if a.init else None,
            "threads": torch.get_num_threads(), "lightning_tokens_per_s": light, "hand_tokens_per_s": hand,
            "matmul_gflops": gflops, "dense_bound_tokens_per_s": bound,
            "ratio_lightning_vs_hand": statistics.median(light) / statistics.median(hand),

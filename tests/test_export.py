@@ -8,8 +8,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from monosemantic.export import export_sae, load_sae, write_json_atomic
+from monosemantic.export import export_sae, load_sae
 from monosemantic.models.components.sae import SparseAutoencoder
+from monosemantic.utils.io import write_json_atomic
 
 D_IN, D_SAE, SCALE = 16, 64, 0.37
 

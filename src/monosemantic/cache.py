@@ -23,11 +23,12 @@ import torch
 import webdataset as wds
 from tqdm.auto import tqdm
 
-from monosemantic.data.shards import FORMAT, VERSION, decode_context, shard_name, write_json_atomic
+from monosemantic.data.shards import FORMAT, VERSION, decode_context, shard_name
 from monosemantic.data.token_store import load_split
 from monosemantic.models.components.transformer import MLP_HOOK
 from monosemantic.models.transformer_module import load_transformer
 from monosemantic.utils.hydra_utils import config_key
+from monosemantic.utils.io import write_json_atomic
 
 log = logging.getLogger(__name__)
 

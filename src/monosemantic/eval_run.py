@@ -9,12 +9,12 @@ import torch
 from omegaconf import DictConfig
 
 from monosemantic.data.activation_datamodule import ActivationDataModule
-from monosemantic.data.shards import write_json_atomic
 from monosemantic.evaluation import evaluate
 from monosemantic.export import load_sae
 from monosemantic.models.components.sae import SparseAutoencoder
 from monosemantic.models.transformer_module import load_transformer
 from monosemantic.summary import print_summary
+from monosemantic.utils.io import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +64,7 @@ def run_eval(cfg: DictConfig) -> dict:
         mean_acts = dm.sample_activations(65_536, seed=1).mean(0)
     # dm streams raw activations (normalize=False); evaluate() expects them in the SAE's input space
     acts = (x * scale for x in dm.stream("val", split_nodes=False))
-    windows = dm.lr_windows()
-    tokens = torch.utils.data.DataLoader(windows, batch_size=16) if windows is not None else None
-    metrics = evaluate(sae, acts, tokens, transformer, scale, cfg.ablation, mean_acts, cfg.device)
+    metrics = evaluate(sae, acts, dm.lr_loader(), transformer, scale, cfg.ablation, mean_acts, cfg.device)
     metrics.pop("log10_density", None)
     metrics.update({"ckpt_path": str(path), "shards": str(shards), "ablation": cfg.ablation})
     out = Path(cfg.output) if cfg.output else (

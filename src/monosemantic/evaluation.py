@@ -72,8 +72,10 @@ class SAEMetrics(nn.Module):
 def evaluate(sae: nn.Module, acts_batches: Iterable[torch.Tensor], token_batches: Iterable[torch.Tensor] | None,
              transformer: nn.Module | None, scale: float = 1.0, ablation: str = "zero",
              mean_acts_M: torch.Tensor | None = None, device: str = "cpu") -> dict[str, float | list]:
-    """All metrics for ``sae`` on held-out data, in this process alone (no cross-rank sync). ``acts_batches`` are activations already multiplied by
-    ``scale`` (the SAE's input space); token windows go through ``transformer`` with raw activations."""
+    """All metrics for ``sae`` on held-out data, in this process alone (no cross-rank sync).
+
+    ``acts_batches`` are activations already multiplied by ``scale`` (the SAE's input space); token windows
+    go through ``transformer`` with raw activations."""
     start = time.time()
     d_in, d_sae = sae.W_enc.shape
     m = SAEMetrics(d_in, d_sae, ablation, sync=False).to(device)

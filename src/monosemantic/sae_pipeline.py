@@ -12,7 +12,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from monosemantic.cache import CacheSettings, cache_dir_for, write_activation_cache
-from monosemantic.data.shards import write_json_atomic
 from monosemantic.evaluation import evaluate
 from monosemantic.export import export_sae
 from monosemantic.metrics import save_density_histogram
@@ -20,6 +19,7 @@ from monosemantic.models.transformer_module import load_transformer
 from monosemantic.pipeline import build_trainer, compose_stage, ensure_transformer
 from monosemantic.summary import print_summary
 from monosemantic.utils.hydra_utils import log_hyperparameters
+from monosemantic.utils.io import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,8 @@ def train_sae(cfg: DictConfig) -> dict:
     t0 = time.time()
     out = Path(cfg.paths.output_dir)
     sae = model.sae.float().cpu()
-    final = evaluate(sae, dm.stream("val", batch_size=8192, split_nodes=False), _lr_loader(dm, cfg), transformer, dm.scale,
+    val_acts = dm.stream("val", batch_size=8192, split_nodes=False)
+    final = evaluate(sae, val_acts, dm.lr_loader(cfg.get("final_eval_lr_windows")), transformer, dm.scale,
                      cfg.model.ablation, mean_acts)
     log10_density = torch.tensor(final.pop("log10_density"))
     save_density_histogram(log10_density, out / "plots" / "final_density.png", title="held-out feature density")
@@ -105,10 +106,3 @@ def train_sae(cfg: DictConfig) -> dict:
     print_summary(final, timings, export_dir, out / "metrics.json")
     metrics.update({f"final/{k}": v for k, v in final.items() if isinstance(v, float | int)})
     return metrics
-
-
-def _lr_loader(dm, cfg: DictConfig):
-    windows = dm.lr_windows()
-    if windows is None:
-        return None
-    return torch.utils.data.DataLoader(windows, batch_size=cfg.data.lr_batch_size)

@@ -232,20 +232,27 @@ class ActivationDataModule(L.LightningDataModule):
         return self._loader(self.stream("train"))
 
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
-        loaders = [self._loader(self.stream("val"))]
-        windows = self.lr_windows()
-        if windows is not None:
-            loaders.append(DataLoader(windows, batch_size=self.hparams.lr_batch_size, shuffle=False))
-        return loaders
+        lr = self.lr_loader()
+        return [self._loader(self.stream("val"))] + ([lr] if lr is not None else [])
 
-    def lr_windows(self) -> TokenWindows | None:
-        """Held-out token windows (val split of the token store) for loss recovered, if the set came from text."""
+    def lr_windows(self, n_windows: int | None = None) -> TokenWindows | None:
+        """Held-out token windows (val split of the token store) for loss recovered, if the set came from text.
+
+        ``n_windows`` overrides ``lr_windows`` (e.g. more windows for the final evaluation than during training).
+        """
         store = self.manifest.get("token_store")
         n_ctx = self.manifest.get("n_ctx")
-        if not store or not n_ctx or not self.hparams.lr_windows or not Path(store, "meta.json").is_file():
+        n_windows = n_windows or self.hparams.lr_windows
+        if not store or not n_ctx or not n_windows or not Path(store, "meta.json").is_file():
             return None
         val = load_split(store, "val")
-        return TokenWindows(val, tiled_starts(len(val), int(n_ctx), self.hparams.lr_windows), int(n_ctx) - 1)
+        return TokenWindows(val, tiled_starts(len(val), int(n_ctx), n_windows), int(n_ctx) - 1)
+
+    def lr_loader(self, n_windows: int | None = None) -> DataLoader | None:
+        windows = self.lr_windows(n_windows)
+        if windows is None:
+            return None
+        return DataLoader(windows, batch_size=self.hparams.lr_batch_size, shuffle=False)
 
     def sample_activations(self, n_tokens: int, seed: int) -> torch.Tensor:
         """``[n_tokens, d_in]`` normalised activations from the training shards, shuffled with ``seed``

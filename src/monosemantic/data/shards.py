@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -29,14 +26,6 @@ class ShardSetError(ValueError):
 
 def shard_name(i: int) -> str:
     return f"shard-{i:06d}.tar"
-
-
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 def read_manifest(shards_dir: str | Path, d_in: int | None = None) -> dict:

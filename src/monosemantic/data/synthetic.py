@@ -14,7 +14,8 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from monosemantic.data.shards import FORMAT, VERSION, shard_name, write_json_atomic
+from monosemantic.data.shards import FORMAT, VERSION, shard_name
+from monosemantic.utils.io import write_json_atomic
 
 
 def random_directions(n_features: int, d_in: int, seed: int = 0) -> torch.Tensor:
