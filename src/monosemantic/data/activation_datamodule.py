@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import re
 import warnings
 import zlib
 from collections.abc import Iterator
@@ -32,6 +33,14 @@ from monosemantic.data.token_datamodule import TokenWindows, tiled_starts
 from monosemantic.data.token_store import load_split
 
 log = logging.getLogger(__name__)
+
+
+def _shard_in(exn: Exception) -> str | None:
+    """The shard a webdataset error is about: its args carry the url, or ``"... @ <file name='...tar'>"``."""
+    for arg in reversed(exn.args):
+        if isinstance(arg, str) and (m := re.search(r"([^\s'\"<>]+\.tar)\b", arg)):
+            return m.group(1)
+    return None
 
 
 class ActivationStream(IterableDataset):
@@ -57,16 +66,16 @@ class ActivationStream(IterableDataset):
         self.n_skipped = 0
         self._reported: set[str] = set()  # shards already reported this pass (one problem, one count)
 
-    def _handler(self, exn: Exception) -> bool:
-        where = next((a for a in reversed(exn.args) if isinstance(a, str) and ".tar" in a), None)
-        msg = f"shard {where or '?'} is truncated or corrupt: {exn.args[0] if exn.args else exn!r}"
-        if isinstance(exn, ShardSetError):
-            msg = str(exn)
-        elif where:
-            self._reported.add(where)
+    def _handler(self, exn: Exception, url: str | None = None) -> bool:
+        where = url or _shard_in(exn)
+        msg = str(exn) if isinstance(exn, ShardSetError) else (
+            f"shard {where or '?'} is truncated or corrupt: {exn.args[0] if exn.args else exn!r}")
         if self.skip_corrupt:
-            self.n_skipped += 1
-            warnings.warn(f"skipping: {msg} (skipped so far: {self.n_skipped})", stacklevel=2)
+            if where is None or where not in self._reported:  # one damaged shard counts once
+                self.n_skipped += 1
+                warnings.warn(f"skipping: {msg} (skipped so far: {self.n_skipped})", stacklevel=2)
+            if where is not None:
+                self._reported.add(where)
             return True
         raise ShardSetError(msg) from exn
 
@@ -74,9 +83,8 @@ class ActivationStream(IterableDataset):
         expected = self.shard_tokens.get(url) if url is not None else None
         if expected is None or n_rows == expected or url in self._reported:
             return
-        self._reported.add(url)
         self._handler(ShardSetError(f"shard {url} holds {n_rows} rows but manifest.json lists {expected}: "
-                                    "it is truncated or corrupt"))
+                                    "it is truncated or corrupt"), url)
 
     def _contexts(self, urls: list[str]) -> Iterator[tuple[np.ndarray, int]]:
         self._reported = set()
@@ -90,10 +98,9 @@ class ActivationStream(IterableDataset):
                 self._check_shard_size(url, n_rows)
                 url, n_rows = sample.get("__url__"), 0
             try:
-                acts = decode_context(sample, self.d_in)["acts"]
+                acts = decode_context(sample, self.d_in, extras=())["acts"]
             except ShardSetError as e:
-                self._reported.add(url)
-                self._handler(e)
+                self._handler(e, url)
                 continue
             n_rows += len(acts)
             key = sample["__key__"]

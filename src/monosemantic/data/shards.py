@@ -69,8 +69,10 @@ def load_npy(data: bytes, what: str) -> np.ndarray:
         raise ShardSetError(f"{what}: not a plain .npy array ({e})") from e
 
 
-def decode_context(sample: dict, d_in: int) -> dict[str, np.ndarray]:
-    """Decode one tar sample into arrays; checks shape and finiteness, naming the shard and key."""
+def decode_context(sample: dict, d_in: int, extras: tuple[str, ...] = ("tokens", "positions", "context")
+                   ) -> dict[str, np.ndarray]:
+    """Decode one tar sample into arrays (``acts`` and those of ``extras`` present); checks shape and
+    finiteness, naming the shard and key. The training stream asks for ``acts`` alone."""
     where = f"shard {sample.get('__url__', '?')} sample {sample.get('__key__', '?')}"
     if "acts.npy" not in sample:
         raise ShardSetError(f"{where}: no acts.npy (keys: {sorted(k for k in sample if not k.startswith('__'))})")
@@ -80,7 +82,7 @@ def decode_context(sample: dict, d_in: int) -> dict[str, np.ndarray]:
         raise ShardSetError(f"{where}: acts has shape {acts.shape}, expected [n, {d_in}]")
     if not np.isfinite(acts).all():
         raise ShardSetError(f"{where}: acts contain NaN or inf")
-    for name in ("tokens", "positions", "context"):
+    for name in extras:
         if f"{name}.npy" in sample:
             out[name] = load_npy(sample[f"{name}.npy"], where)
     return out
