@@ -125,15 +125,18 @@ class FeatureDensity(_SumMetric):
         self._sum_state("fire_counts", (d_sae,))
         self._sum_state("n_tokens")
 
-    def update(self, feats: torch.Tensor) -> None:
-        feats_NF = feats.detach().reshape(-1, feats.shape[-1])
-        if feats_NF.shape[1] != self.d_sae:
-            raise ValueError(f"FeatureDensity(d_sae={self.d_sae}) got features of width {feats_NF.shape[1]}")
-        self.update_counts((feats_NF > 0).sum(dim=0), feats_NF.shape[0])
-
-    def update_counts(self, fires_F: torch.Tensor, n_tokens: int) -> None:
-        """Add per-feature firing counts over ``n_tokens`` tokens (for callers that hold sparse features)."""
-        self.fire_counts += fires_F.to(_f64)
+    def update(self, feats: torch.Tensor | None = None, *, fires: torch.Tensor | None = None,
+               n_tokens: int | None = None) -> None:
+        """Either dense ``feats [..., d_sae]``, or per-feature firing counts ``fires [d_sae]`` over
+        ``n_tokens`` tokens (for callers that hold sparse features)."""
+        if feats is not None:
+            feats_NF = feats.detach().reshape(-1, feats.shape[-1])
+            fires, n_tokens = (feats_NF > 0).sum(dim=0), feats_NF.shape[0]
+        if fires is None or n_tokens is None or fires.shape != (self.d_sae,):
+            width = feats.shape[-1] if feats is not None else None
+            raise ValueError(f"FeatureDensity(d_sae={self.d_sae}) needs feats [..., {self.d_sae}] or fires "
+                             f"[{self.d_sae}] with n_tokens (got features of width {width})")
+        self.fire_counts += fires.to(_f64)
         self.n_tokens += n_tokens
 
     def compute(self) -> dict[str, torch.Tensor]:

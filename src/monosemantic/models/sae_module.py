@@ -122,7 +122,7 @@ class SAEModule(L.LightningModule):
             l0 = float(fires_F.sum()) / B
             self._last_l0 = l0
             self._count_firing(fires_F, B)
-            self.train_density.update_counts(fires_F, B)
+            self.train_density.update(fires=fires_F, n_tokens=B)
             self.log_dict({"train/loss": loss, "train/mse": mse, "train/l1": l1, "train/l0": l0,
                            "train/dead_frac": self.dead_frac(), "train/l1_coeff": self.l1_coeff_now()},
                           on_step=True, on_epoch=False, prog_bar=False)
