@@ -48,3 +48,17 @@ def test_multirun_glob_of_sae_experiments_through_the_entry_point(tiny_shards, t
     assert r.returncode == 0, r.stderr[-3000:]
     jobs = sorted(p for p in tmp_path.iterdir() if p.is_dir() and (p / "metrics.json").is_file())
     assert len(jobs) == 2
+
+
+@pytest.mark.parametrize("experiment", ["transformer_1l", "sae_512"])
+def test_default_loggers_write_an_offline_wandb_run_and_csv(experiment, token_store, tiny_shards, data_root, tmp_path):
+    """The default logger group (W&B offline + CSV) through the real training path, whole config logged."""
+    cfg = compose_cfg("train", [f"experiment={experiment}", "trainer.max_steps=2", "trainer.val_check_interval=2",
+                                "trainer.limit_val_batches=1", *tiny_overrides(experiment, token_store, tiny_shards)],
+                      tmp_path, data_root)
+    assert set(cfg.logger) == {"wandb", "csv"}
+    run_training(cfg)
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+    assert (tmp_path / "csv" / "metrics.csv").is_file()
+    assert all(isinstance(t, str) for t in cfg.tags)

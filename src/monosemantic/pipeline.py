@@ -13,7 +13,6 @@ from pathlib import Path
 
 import hydra
 import lightning as L
-import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from monosemantic.data.token_store import load_split, unigram_entropy
@@ -106,19 +105,24 @@ def ensure_transformer(scale: str, overrides: list[str], log_dir: Path) -> Path:
         return path
     log.info("no transformer for scale=%s yet: training it first (%s)", scale, sub.paths.output_dir)
     Path(sub.paths.output_dir).mkdir(parents=True, exist_ok=True)
-    with torch.inference_mode(False):
+    try:
         train_transformer(sub)
-    finish_wandb()
+    finally:
+        finish_wandb()
     return path
 
 
 def run_training(cfg: DictConfig) -> dict:
-    """Dispatch on ``stage`` (set by the experiment)."""
+    """Dispatch on ``stage`` (set by the experiment); each stage's W&B run is finished when it ends, so a
+    multirun job or an upstream stage built inside this run never writes into another's run."""
     stage = cfg.get("stage")
-    if stage == "transformer":
-        return train_transformer(cfg)
-    if stage == "sae":
-        from monosemantic.sae_pipeline import train_sae
+    try:
+        if stage == "transformer":
+            return train_transformer(cfg)
+        if stage == "sae":
+            from monosemantic.sae_pipeline import train_sae
 
-        return train_sae(cfg)
-    raise ValueError(f"stage={stage!r} is not 'transformer' or 'sae' (set by the experiment config)")
+            return train_sae(cfg)
+        raise ValueError(f"stage={stage!r} is not 'transformer' or 'sae' (set by the experiment config)")
+    finally:
+        finish_wandb()
