@@ -38,8 +38,10 @@ def transformer_dir(cfg: DictConfig) -> Path:
     """Where the transformer trained by this config is (or will be) exported."""
     c = OmegaConf.to_container(cfg, resolve=True)
     c["model"]["net"].pop("vocab_size", None)  # filled in from the token store, which data already keys
+    # the trainer settings that change what is learned: steps, and the world size (DDP multiplies the batch)
+    trainer = {k: c["trainer"].get(k) for k in ("max_steps", "devices", "num_nodes", "strategy", "precision")}
     key = config_key({"data": _without_dirs(c["data"]), "model": c["model"], "seed": c.get("seed"),
-                      "max_steps": c["trainer"].get("max_steps")})
+                      "trainer": trainer})
     return Path(cfg.paths.data_dir) / "models" / f"transformer_1l-{cfg.scale.name}-{key}"
 
 

@@ -182,6 +182,7 @@ class SAEModule(L.LightningModule):
         self.train_density.reset()
         self.log_dict({f"train/{k}": train[k] for k in ("dense_frac", "ultralow_frac")})
         self._log_histogram(log10_density, "val")
+        self._log_histogram(train["log10_density"], "train")  # many more tokens: the paper's bimodal view
 
     def _log_histogram(self, log10_density: torch.Tensor, split: str) -> None:
         if self.trainer.sanity_checking or not self.trainer.is_global_zero:
