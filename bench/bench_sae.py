@@ -56,8 +56,8 @@ def matmul_gflops(d_in: int, d_sae: int, batch: int, dtype: torch.dtype, reps: i
 
 
 def lightning_tokens_per_s(shards: Path, d_sae: int, batch: int, steps: int, warmup: int, precision: str,
-                           l1: float, sparse: bool, init: dict | None) -> float:
-    dm = ActivationDataModule(shards=str(shards), batch_size=batch, seed=0, lr_windows=0)
+                           l1: float, sparse: bool, init: dict | None, num_workers: int = 0) -> float:
+    dm = ActivationDataModule(shards=str(shards), batch_size=batch, seed=0, lr_windows=0, num_workers=num_workers)
     dm.setup()
     module = SAEModule(d_sae=d_sae, l1_coeff=l1, optimizer=functools.partial(torch.optim.Adam, lr=1e-3),
                        d_in=dm.d_in, b_dec_init="zeros", dead_window_tokens=10**9, sparse_step=sparse)
@@ -123,6 +123,7 @@ def main() -> None:
     p.add_argument("--precision", choices=["32-true", "bf16-mixed"], default="32-true")
     p.add_argument("--l1", type=float, default=8e-3)
     p.add_argument("--init", type=Path, help="start from this SAE export (realistic sparsity); default: fresh init")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers for the Lightning path")
     p.add_argument("--dense", action="store_true", help="dense steps only (model.sparse_step=false)")
     p.add_argument("--quick", action="store_true", help="small synthetic set, d_sae 1024, 2 repeats")
     p.add_argument("--out", type=Path)
@@ -149,7 +150,7 @@ def main() -> None:
     light, hand = [], []
     for r in range(a.repeats):
         light.append(lightning_tokens_per_s(a.shards, a.d_sae, a.batch, a.steps, a.warmup, a.precision, a.l1,
-                                            not a.dense, init))
+                                            not a.dense, init, a.num_workers))
         hand.append(hand_tokens_per_s(a.shards, a.d_sae, a.batch, a.steps, a.warmup, a.precision, a.l1,
                                       not a.dense, init))
         print(f"repeat {r}: lightning {light[-1]:,.0f} tok/s, hand loop {hand[-1]:,.0f} tok/s", flush=True)
@@ -157,7 +158,7 @@ def main() -> None:
     gflops = statistics.median(matmul_gflops(d_in, a.d_sae, a.batch, dtype) for _ in range(3))
     bound = gflops * 1e9 / (12 * d_in * a.d_sae)
     res = {"shards": str(a.shards), "d_in": d_in, "d_sae": a.d_sae, "batch": a.batch, "precision": a.precision,
-           "sparse_step": not a.dense, "init": str(a.init) if a.init else None,
+           "sparse_step": not a.dense, "num_workers": a.num_workers, "init": str(a.init) if a.init else None,
            "threads": torch.get_num_threads(), "lightning_tokens_per_s": light, "hand_tokens_per_s": hand,
            "matmul_gflops": gflops, "dense_bound_tokens_per_s": bound,
            "ratio_lightning_vs_hand": statistics.median(light) / statistics.median(hand),
