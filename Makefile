@@ -47,7 +47,7 @@ corpus:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq linux-doc; \
 	else \
 		echo "The default corpus needs Debian's linux-doc package: run 'sudo apt-get install linux-doc'," >&2; \
-		echo "or train on other text: make train ARGS=\"data.corpus.kind=files data.corpus.data_files='path/*.txt'\"" >&2; \
+		echo "or train the transformer on other text: .venv/bin/python src/train.py experiment=transformer_1l data=local_files data.corpus.data_files='path/*.txt'" >&2; \
 		exit 1; \
 	fi
 

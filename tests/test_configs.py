@@ -77,19 +77,22 @@ def test_loggers_instantiate(option, tmp_path):
 @pytest.mark.parametrize("option", options("trainer"))
 def test_trainers_instantiate(option, tmp_path):
     cfg = compose_cfg("train", [f"trainer={option}"], tmp_path)
+    expected = {"ddp": "DDPStrategy", "ddp_sim": "DDPStrategy", "fsdp": "FSDPStrategy"}.get(option)
+    if expected:
+        strategy = hydra.utils.instantiate(cfg.trainer.strategy)
+        assert type(strategy).__name__ == expected
+    if option in ("ddp", "ddp_sim"):
+        assert cfg.trainer.strategy.broadcast_buffers is False  # see configs/trainer/ddp.yaml
     if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
-        # no GPU here: check the strategy object and build the same trainer on the CPU
-        if isinstance(cfg.trainer.get("strategy"), dict) or OmegaConf.is_dict(cfg.trainer.get("strategy")):
-            strategy = hydra.utils.instantiate(cfg.trainer.strategy)
-            assert type(strategy).__name__ == "FSDPStrategy"
-            with open_dict(cfg):
-                del cfg.trainer.strategy
+        # no GPU here: build the same trainer on the CPU (FSDP needs CUDA: its strategy object was checked above)
         with open_dict(cfg):
             cfg.trainer.accelerator = "cpu"
-            cfg.trainer.devices = 2 if cfg.trainer.get("strategy") == "ddp" else 1
+            cfg.trainer.devices = 2 if option == "ddp" else 1
+            if option == "fsdp":
+                del cfg.trainer.strategy
     trainer = hydra.utils.instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
     assert trainer.max_steps == cfg.trainer.max_steps
-    if option == "ddp_sim":
+    if option in ("ddp", "ddp_sim"):
         assert trainer.num_devices == 2 and type(trainer.strategy).__name__ == "DDPStrategy"
 
 

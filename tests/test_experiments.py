@@ -6,6 +6,7 @@ import sys
 
 import pytest
 from conftest import CONFIGS, ROOT, TINY_NET, compose_cfg
+from omegaconf import open_dict
 
 from monosemantic.pipeline import run_training
 
@@ -62,3 +63,34 @@ def test_default_loggers_write_an_offline_wandb_run_and_csv(experiment, token_st
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
     assert (tmp_path / "csv" / "metrics.csv").is_file()
     assert all(isinstance(t, str) for t in cfg.tags)
+
+
+@pytest.mark.slow
+def test_sae_run_builds_every_missing_stage_then_reuses_them(data_root, tmp_path):
+    """`experiment=sae_512` with no shards: token store → transformer → cache → SAE, keyed; a second run reuses."""
+    data = tmp_path / "data"
+    net = [f"model.net.{k}={v}" for k, v in TINY_NET.items() if k != "n_ctx"]
+    over = ["experiment=sae_512", "scale.transformer.n_ctx=32", "scale.transformer.batch_size=8",
+            "scale.transformer.max_steps=4", "scale.transformer.val_check_interval=2",
+            "scale.transformer.val_windows=4",
+            "scale.cache.n_contexts=96", "scale.cache.tokens_per_context=8", "scale.cache.contexts_per_shard=16",
+            "scale.sae.batch_size=64", "scale.sae.max_steps=3", "scale.sae.val_check_interval=3",
+            "scale.sae.limit_val_batches=1", "scale.sae.lr_windows=2", "scale.sae.final_eval_lr_windows=2",
+            "scale.sae.resample_steps=[]", "data.buffer_tokens=256", "model.b_dec_init_tokens=64", "logger=csv"]
+    runs = []
+    for i in range(2):
+        cfg = compose_cfg("train", over, tmp_path / f"run{i}", data)
+        with open_dict(cfg):
+            cfg.transformer_overrides = ["data.corpus.kind=python_stdlib", "data.corpus.max_bytes=300000",
+                                         "data.tokenizer.vocab_size=512", "logger=csv", *net]
+        run_training(cfg)
+        runs.append(json.loads((tmp_path / f"run{i}" / "metrics.json").read_text()))
+    assert len(list((data / "tokens").iterdir())) == 1
+    assert len(list((data / "models").iterdir())) == 1
+    [shards] = list((data / "activations").iterdir())
+    assert (shards / "manifest.json").is_file() and runs[0]["shards"] == str(shards)
+    # the scale.* overrides reached the upstream stages
+    assert json.loads((shards / "manifest.json").read_text())["n_tokens"] == 96 * 8
+    t0, t1 = runs[0]["timings_s"], runs[1]["timings_s"]
+    assert t0["tokenize + transformer"] > t1["tokenize + transformer"] and t1["cache activations"] < 1.0
+    assert runs[0]["l0"] == pytest.approx(runs[1]["l0"])  # same data, same seed: the same SAE

@@ -12,6 +12,7 @@ the first shard and stored in the manifest, so SAE training is scale-free.
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import json
 import logging
@@ -49,9 +50,13 @@ class CacheSettings:
 
 
 def cache_dir_for(model_dir: str | Path, settings: CacheSettings, root: str | Path) -> Path:
-    """Shard sets are keyed by the model and every setting that changes their contents."""
+    """Shard sets are keyed by the model's *weights* (not its folder name: two run exports are both called
+    ``export``) and by every setting that changes their contents."""
     s = asdict(settings)
     s.pop("batch_size")  # changes speed, not contents
+    weights = Path(model_dir) / "model.safetensors"
+    if weights.is_file():
+        s["model_sha256"] = hashlib.sha256(weights.read_bytes()).hexdigest()
     return Path(root) / f"{Path(model_dir).name}-{config_key(s)}"
 
 

@@ -93,6 +93,7 @@ def evaluate(sae: nn.Module, acts_batches: Iterable[torch.Tensor], token_batches
         for tokens in token_batches:
             m.update_tokens(transformer, tokens.to(device), reconstruct, mean_acts_M)
     result = m.compute_and_reset(with_tokens=transformer is not None and token_batches is not None)
+    result["mse"] = result["mse"] / scale**2  # raw-activation units whatever space the SAE works in
     out: dict[str, float | list] = {k: (v.tolist() if v.ndim else float(v)) for k, v in result.items()}
     out["eval_seconds"] = round(time.time() - start, 2)
     return out

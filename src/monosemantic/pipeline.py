@@ -28,10 +28,10 @@ from monosemantic.utils.hydra_utils import (
 log = logging.getLogger(__name__)
 
 
-def _without_dirs(d: dict) -> dict:
-    """Drop machine-specific paths so an artifact key depends on settings, not on where the repo lives."""
-    return {k: _without_dirs(v) if isinstance(v, dict) else v for k, v in d.items()
-            if not (k.endswith("_dir") or k == "root")}
+def _without_data_dir(d: dict) -> dict:
+    """Drop the artifact root, so a key depends on settings, not on where the repo lives. Explicit sources
+    (``data.store_dir``, ``data.corpus.root``) stay in: another store must give another transformer."""
+    return {k: _without_data_dir(v) if isinstance(v, dict) else v for k, v in d.items() if k != "data_dir"}
 
 
 def transformer_dir(cfg: DictConfig) -> Path:
@@ -40,15 +40,22 @@ def transformer_dir(cfg: DictConfig) -> Path:
     c["model"]["net"].pop("vocab_size", None)  # filled in from the token store, which data already keys
     # the trainer settings that change what is learned: steps, and the world size (DDP multiplies the batch)
     trainer = {k: c["trainer"].get(k) for k in ("max_steps", "devices", "num_nodes", "strategy", "precision")}
-    key = config_key({"data": _without_dirs(c["data"]), "model": c["model"], "seed": c.get("seed"),
+    key = config_key({"data": _without_data_dir(c["data"]), "model": c["model"], "seed": c.get("seed"),
                       "trainer": trainer})
     return Path(cfg.paths.data_dir) / "models" / f"transformer_1l-{cfg.scale.name}-{key}"
 
 
-def compose_stage(config_name: str, overrides: list[str], output_dir: Path) -> DictConfig:
-    """Compose another entry point's config inside this run (GlobalHydra is initialised by the caller)."""
-    cfg = hydra.compose(config_name=config_name, overrides=overrides)
+def compose_stage(config_name: str, overrides: list[str], output_dir: Path, parent: DictConfig) -> DictConfig:
+    """Compose another entry point's config inside this run (GlobalHydra is initialised by the caller).
+
+    The caller's resolved ``scale`` and ``paths`` replace the composed ones, so ``scale.*`` overrides given
+    to this run (e.g. ``scale.cache.n_contexts=1000``) and its ``paths.data_dir`` reach the stages it builds.
+    """
+    cfg = hydra.compose(config_name=config_name, overrides=[f"scale={parent.scale.name}", *overrides])
     with open_dict(cfg):
+        cfg.scale = OmegaConf.create(OmegaConf.to_container(parent.scale, resolve=True))
+        for key in ("root_dir", "data_dir", "log_dir"):
+            cfg.paths[key] = str(parent.paths[key])
         cfg.paths.output_dir = str(output_dir)
     return cfg
 
@@ -96,16 +103,16 @@ def train_transformer(cfg: DictConfig) -> dict:
     return metrics
 
 
-def ensure_transformer(scale: str, overrides: list[str], log_dir: Path) -> Path:
+def ensure_transformer(parent: DictConfig, overrides: list[str]) -> Path:
     """The exported transformer for ``experiment=transformer_1l scale=<scale>``; trained first if missing."""
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
-    sub = compose_stage("train", ["experiment=transformer_1l", f"scale={scale}", *overrides],
-                        Path(log_dir) / "transformer_1l" / "runs" / f"{stamp}_upstream")
+    sub = compose_stage("train", ["experiment=transformer_1l", *overrides],
+                        Path(parent.paths.log_dir) / "transformer_1l" / "runs" / f"{stamp}_upstream", parent)
     path = transformer_dir(sub)
     if (path / "model.safetensors").is_file():
         log.info("transformer found: %s", path)
         return path
-    log.info("no transformer for scale=%s yet: training it first (%s)", scale, sub.paths.output_dir)
+    log.info("no transformer for scale=%s yet: training it first (%s)", parent.scale.name, sub.paths.output_dir)
     Path(sub.paths.output_dir).mkdir(parents=True, exist_ok=True)
     try:
         train_transformer(sub)
@@ -118,6 +125,10 @@ def run_training(cfg: DictConfig) -> dict:
     """Dispatch on ``stage`` (set by the experiment); each stage's W&B run is finished when it ends, so a
     multirun job or an upstream stage built inside this run never writes into another's run."""
     stage = cfg.get("stage")
+    if cfg.get("ckpt_path") == "last" and not (Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt").is_file():
+        raise FileNotFoundError(
+            f"ckpt_path=last: {cfg.paths.output_dir}/checkpoints/last.ckpt does not exist. Each run gets a new "
+            "directory: resume in the old one with hydra.run.dir=logs/<task>/runs/<stamp> ckpt_path=last")
     try:
         if stage == "transformer":
             return train_transformer(cfg)

@@ -30,7 +30,7 @@ def ensure_shards(cfg: DictConfig, timings: dict | None = None) -> Path:
     t0 = time.time()
     model_dir = cfg.model_dir
     if model_dir is None:
-        model_dir = ensure_transformer(cfg.scale.name, list(cfg.transformer_overrides), Path(cfg.paths.log_dir))
+        model_dir = ensure_transformer(cfg, list(cfg.transformer_overrides))
     timings["tokenize + transformer"] = time.time() - t0
     t0 = time.time()
     settings = CacheSettings(**OmegaConf.to_container(cfg.settings, resolve=True))
@@ -44,8 +44,13 @@ def ensure_shards(cfg: DictConfig, timings: dict | None = None) -> Path:
 def default_shards(cfg: DictConfig, timings: dict) -> Path:
     """For an SAE run with ``data.shards=null``: compose the cache stage at the same scale and build it."""
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
-    sub = compose_stage("cache_activations", [f"scale={cfg.scale.name}", *cfg.get("cache_overrides", [])],
-                        Path(cfg.paths.log_dir) / "cache_activations" / "runs" / f"{stamp}_upstream")
+    overrides = list(cfg.get("cache_overrides", []))
+    if cfg.trainer.get("accelerator") in ("gpu", "cuda") and not any(o.startswith("device=") for o in overrides):
+        overrides.append("device=cuda")  # cache on the GPU the SAE trains on
+    sub = compose_stage("cache_activations", overrides,
+                        Path(cfg.paths.log_dir) / "cache_activations" / "runs" / f"{stamp}_upstream", cfg)
+    with open_dict(sub):
+        sub.transformer_overrides = list(cfg.get("transformer_overrides") or [])
     return ensure_shards(sub, timings)
 
 

@@ -69,7 +69,7 @@ def _gather_files(cfg: CorpusConfig) -> tuple[Path, list[Path]]:
             raise CorpusError(
                 "the default corpus (Linux kernel documentation) is not installed: expected "
                 f"{cfg.root or LINUX_DOC_GLOB}. Run `make corpus` (as root: apt-get install linux-doc), "
-                "or point at other text with data.corpus.kind=files data.corpus.data_files='path/*.txt'.")
+                "or point at other text with data=local_files data.corpus.data_files='path/*.txt'.")
         root = Path(roots[-1])
         files = [p for p in root.rglob("*") if p.is_file() and "translations" not in p.parts
                  and any(p.name.endswith(ext) or p.name.endswith(ext + ".gz") for ext in cfg.extensions)]

@@ -103,7 +103,7 @@ class SAEModule(L.LightningModule):
     def per_input_loss(self, x_NM: torch.Tensor) -> torch.Tensor:
         """The training loss of each input (used to score inputs for resampling)."""
         out = self.sae(x_NM)
-        return (out.x_hat - x_NM).pow(2).mean(-1) + self.hparams.l1_coeff * out.feats.sum(-1)
+        return (out.x_hat - x_NM).pow(2).mean(-1) + self.l1_coeff_now() * out.feats.sum(-1)
 
     def training_step(self, x_BM: torch.Tensor, batch_idx: int) -> torch.Tensor:
         B, d_sae = x_BM.shape[0], self.hparams.d_sae
@@ -130,7 +130,7 @@ class SAEModule(L.LightningModule):
         return loss
 
     def _count_firing(self, fires_F: torch.Tensor, batch_tokens: int) -> None:
-        fires_F = fires_F.to(torch.int64)
+        fires_F = fires_F.to(torch.int64, copy=True)  # reduced in place below; the caller keeps its local counts
         n = torch.tensor(batch_tokens, dtype=torch.int64, device=fires_F.device)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(fires_F)
@@ -177,6 +177,7 @@ class SAEModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         metrics = self.val_metrics.compute_and_reset(with_tokens=self.transformer is not None)
         log10_density = metrics.pop("log10_density")
+        metrics["mse"] = metrics["mse"] / self.norm_scale**2  # reported on raw activations, like eval and export
         self.log_dict({f"val/{k}": v for k, v in metrics.items()}, sync_dist=False)
         train = self.train_density.compute()
         self.train_density.reset()

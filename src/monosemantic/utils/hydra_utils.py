@@ -132,10 +132,12 @@ def apply_extras(cfg: DictConfig) -> None:
 
 
 def metric_value(metrics: dict, name: str | None) -> float | None:
-    """The optimized metric for a Hydra sweeper, with a clear error when it was never logged."""
+    """The optimized metric for a Hydra sweeper; None, with a warning naming what was logged, when this run
+    could not log it (e.g. val/loss_recovered on a shard set with no transformer behind it)."""
     if not name:
         return None
     if name not in metrics:
-        raise KeyError(f"optimized_metric={name!r} was not logged; logged metrics: {sorted(metrics)}")
+        log.warning("optimized_metric=%r was not logged by this run; logged: %s", name, sorted(metrics))
+        return None
     value = metrics[name]
     return float(value.item() if hasattr(value, "item") else value)
