@@ -19,15 +19,17 @@ from monosemantic.utils.io import write_json_atomic
 log = logging.getLogger(__name__)
 
 
-def load_any(path: Path) -> tuple[SparseAutoencoder, float, str | None]:
-    """(sae, scale, shard dir): the SAE, the scale its inputs need, and the shard set it was trained on.
+def load_any(path: Path) -> tuple[SparseAutoencoder, float, str | None, int | None]:
+    """(sae, scale, shard dir, val_shards): the SAE, the scale its inputs need, the shard set it was trained
+    on and how many of its shards that run held out.
 
     An export works on raw activations (scale 1, normalisation folded in); a Lightning checkpoint holds
     the SAE in the normalised space and the scale beside it.
     """
     if path.is_dir():
         sae, cfg = load_sae(path)
-        return sae, 1.0, cfg.get("metadata", {}).get("dataset_path")
+        meta = cfg.get("metadata", {})
+        return sae, 1.0, meta.get("dataset_path"), meta.get("val_shards")
     if not path.is_file():
         raise FileNotFoundError(f"ckpt_path={path} is neither a checkpoint file nor an export folder")
     try:
@@ -41,17 +43,18 @@ def load_any(path: Path) -> tuple[SparseAutoencoder, float, str | None]:
     sae = SparseAutoencoder(d_in, d_sae)
     sae.load_state_dict({k.removeprefix("sae."): v for k, v in state.items() if k.startswith("sae.")})
     scale = float(state.get("norm_scale_buf", torch.ones(())))
-    shards = (ckpt.get("datamodule_hyper_parameters") or {}).get("shards")
-    return sae, scale, shards
+    dm_hparams = ckpt.get("datamodule_hyper_parameters") or {}
+    return sae, scale, dm_hparams.get("shards"), dm_hparams.get("val_shards")
 
 
 def run_eval(cfg: DictConfig) -> dict:
     path = Path(cfg.ckpt_path)
-    sae, scale, shards = load_any(path)
+    sae, scale, shards, val_shards = load_any(path)
     shards = cfg.shards or shards
+    val_shards = cfg.val_shards or val_shards or 1  # the run's own held-out split, unless overridden
     if not shards:
         raise ValueError(f"{path} records no shard set: pass shards=<dir>")
-    dm = ActivationDataModule(shards=shards, batch_size=cfg.batch_size, val_shards=cfg.val_shards,
+    dm = ActivationDataModule(shards=shards, batch_size=cfg.batch_size, val_shards=val_shards,
                               d_in=sae.W_enc.shape[0], normalize=False, lr_windows=cfg.lr_windows)
     dm.setup()
     transformer, mean_acts = None, None

@@ -99,7 +99,8 @@ def train_sae(cfg: DictConfig) -> dict:
         sae, out / "export", dm.scale, dm.manifest.get("hook", "blocks.0.mlp.hook_post"),
         int(dm.manifest.get("n_ctx") or 0),
         extra_metadata={"l1_coeff": cfg.model.l1_coeff, "l1_reduction": cfg.model.l1_reduction,
-                        "dataset_path": str(dm.shards_dir), "training_tokens": int(model.tokens_seen)},
+                        "dataset_path": str(dm.shards_dir), "val_shards": int(cfg.data.val_shards),
+                        "training_tokens": int(model.tokens_seen)},
         log10_density=log10_density)
     timings["eval + export"] = time.time() - t0
     final.update({"l1_coeff": cfg.model.l1_coeff, "l1_reduction": cfg.model.l1_reduction,
