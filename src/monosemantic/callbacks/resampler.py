@@ -156,6 +156,9 @@ class NeuronResampler(L.Callback):
         generator = torch.Generator().manual_seed(seed)
         idx_K = sample_inputs_by_loss(loss_N, dead_F.numel(), generator)
         chosen_KM = trainer.strategy.broadcast(inputs_NM[idx_K.to(inputs_NM.device)].cpu(), src=0)
+        # ranks may have drawn different numbers of inputs (each reads its own shards): rank 0's
+        # features and inputs are the ones every rank applies
+        dead_F = trainer.strategy.broadcast(dead_F.cpu(), src=0)
 
         dead_F = dead_F.to(sae.W_dec.device)
         _apply_resample(sae, trainer.optimizers[0], dead_F, chosen_KM.to(inputs_NM), self.enc_norm_scale)
