@@ -54,7 +54,8 @@ class ActivationStream(IterableDataset):
     def __init__(self, urls: list[str], d_in: int, batch_size: int, buffer_tokens: int = 0, scale: float = 1.0,
                  seed: int = 0, shuffle: bool = True, infinite: bool = False, drop_last: bool = True,
                  skip_corrupt: bool = False, with_ids: bool = False,
-                 shard_tokens: dict[str, int] | None = None, split_nodes: bool = True) -> None:
+                 shard_tokens: dict[str, int] | None = None, split_nodes: bool = True,
+                 skip_batches: int = 0) -> None:
         super().__init__()
         if not urls:
             raise ShardSetError("no shards to stream")
@@ -63,6 +64,7 @@ class ActivationStream(IterableDataset):
         self.scale, self.seed, self.shuffle, self.infinite = scale, seed, shuffle, infinite
         self.drop_last, self.skip_corrupt, self.with_ids = drop_last, skip_corrupt, with_ids
         self.shard_tokens, self.split_nodes = dict(shard_tokens or {}), split_nodes
+        self.skip_batches = skip_batches  # batches of this rank's stream already trained on (resume)
         self.n_skipped = 0
         self._reported: set[str] = set()  # shards already reported this pass (one problem, one count)
 
@@ -150,9 +152,19 @@ class ActivationStream(IterableDataset):
             yield from self._emit(acts_all, ids_all, n_out)
 
     def __iter__(self) -> Iterator[Any]:
+        # On resume, replay this rank's stream (it is deterministic for the seed) without yielding the
+        # batches already trained on: nothing is seen twice or skipped. A DataLoader takes batches from its
+        # workers in turn, so worker w of k owns batches w, w+k, …; it always starts at worker 0, so with k
+        # workers the order within a round of k batches may differ from the original run's.
+        _, _, worker, n_workers = wds.utils.pytorch_worker_info()
+        to_skip = max(0, -(-(self.skip_batches - worker) // n_workers))
         pass_index = 0
         while True:
-            yield from self._one_pass(pass_index)
+            for batch in self._one_pass(pass_index):
+                if to_skip:
+                    to_skip -= 1
+                    continue
+                yield batch
             if not self.infinite:
                 return
             pass_index += 1
@@ -177,6 +189,7 @@ class ActivationDataModule(L.LightningDataModule):
         super().__init__()
         self.save_hyperparameters(logger=False)
         self.manifest: dict[str, Any] = {}
+        self._resume_batches = 0
         self.scale = 1.0
         self.train_urls: list[str] = []
         self.val_urls: list[str] = []
@@ -236,7 +249,16 @@ class ActivationDataModule(L.LightningDataModule):
                           persistent_workers=self.hparams.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.stream("train"))
+        return self._loader(self.stream("train", skip_batches=self._resume_batches))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in checkpoints: how many batches this rank's training stream has delivered (one per step)."""
+        trainer = getattr(self, "trainer", None)
+        return {"train_batches": int(trainer.global_step) if trainer is not None else self._resume_batches}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restored by Lightning before the dataloaders are built, so a resumed run continues the stream."""
+        self._resume_batches = int(state_dict.get("train_batches", 0))
 
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
         lr = self.lr_loader()

@@ -68,7 +68,9 @@ class SAEModule(L.LightningModule):
         self.val_metrics = SAEMetrics(d_in, d_sae, ablation)
         self.train_density = SAEMetrics(d_in, d_sae, ablation).density
         self.register_buffer("norm_scale_buf", torch.ones(()))  # checkpointed: eval needs the scale
-        self._last_l0 = float(d_sae)  # start dense: at initialisation about half the features fire
+        # the last step's L0 picks the dense or sparse path; a buffer, so a resumed run picks as the original
+        # did (Adam turns tiny float differences in near-zero gradients into whole-lr steps)
+        self.register_buffer("last_l0", torch.tensor(float(d_sae)))  # start dense: ~half the features fire
         self._frozen: list[Any] = []  # [transformer], kept out of the module tree and the checkpoint
         self._mean_acts: torch.Tensor | None = None
 
@@ -107,7 +109,7 @@ class SAEModule(L.LightningModule):
 
     def training_step(self, x_BM: torch.Tensor, batch_idx: int) -> torch.Tensor:
         B, d_sae = x_BM.shape[0], self.hparams.d_sae
-        if self.hparams.sparse_step and self._last_l0 < self.hparams.sparse_max_density * d_sae:
+        if self.hparams.sparse_step and float(self.last_l0) < self.hparams.sparse_max_density * d_sae:
             out = sparse_forward(self.sae, x_BM)
             mse = F.mse_loss(out.x_hat, x_BM)
             l1 = out.feats.vals.sum() / B  # feats ≥ 0 after ReLU, so Σ|f| = Σf
@@ -120,7 +122,7 @@ class SAEModule(L.LightningModule):
         loss = mse + self.l1_coeff_now() * l1
         with torch.no_grad():
             l0 = float(fires_F.sum()) / B
-            self._last_l0 = l0
+            self.last_l0.fill_(l0)
             self._count_firing(fires_F, B)
             self.train_density.update(fires=fires_F, n_tokens=B)
             self.log_dict({"train/loss": loss, "train/mse": mse, "train/l1": l1, "train/l0": l0,
