@@ -28,7 +28,7 @@ import torch
 import webdataset as wds
 from tqdm.auto import tqdm
 
-from monosemantic.data.shards import FORMAT, VERSION, decode_context, shard_name
+from monosemantic.data.shards import FORMAT, VERSION, decode_context, norm_scale, shard_name
 from monosemantic.data.token_store import load_split
 from monosemantic.models.components.transformer import MLP_HOOK
 from monosemantic.models.transformer_module import load_transformer
@@ -72,12 +72,6 @@ def sample_positions(ctx_index: int, n_ctx: int, k: int, seed: int) -> np.ndarra
     if k > n_ctx:
         raise ValueError(f"tokens_per_context={k} exceeds n_ctx={n_ctx}")
     return np.sort(np.random.default_rng([seed, ctx_index]).choice(n_ctx, size=k, replace=False))
-
-
-def norm_scale(acts_NM: np.ndarray) -> float:
-    """s such that mean ‖s·x‖ = √d_in (SAELens-style normalisation; folded back into the export)."""
-    x = torch.from_numpy(np.asarray(acts_NM, dtype=np.float32))
-    return float(math.sqrt(x.shape[1]) / x.norm(dim=1).mean().clamp_min(1e-8))
 
 
 @functools.lru_cache(maxsize=64)

@@ -19,6 +19,11 @@ from monosemantic.metrics import (
 from monosemantic.models.components import hooks
 
 
+def raw_reconstruction(sae: nn.Module, acts: torch.Tensor, scale: float) -> torch.Tensor:
+    """The reconstruction of *raw* activations by an SAE that works on ``scale``-normalised ones."""
+    return sae(acts.float() * scale).x_hat / scale
+
+
 class SAEMetrics(nn.Module):
     """MSE, explained variance, L0, densities (on activations) and loss recovered (on token windows)."""
 
@@ -87,11 +92,8 @@ def evaluate(sae: nn.Module, acts_batches: Iterable[torch.Tensor], token_batches
     if transformer is not None and token_batches is not None:
         transformer = transformer.to(device).eval()
 
-        def reconstruct(acts: torch.Tensor) -> torch.Tensor:
-            return sae(acts.float() * scale).x_hat / scale
-
         for tokens in token_batches:
-            m.update_tokens(transformer, tokens.to(device), reconstruct, mean_acts_M)
+            m.update_tokens(transformer, tokens.to(device), lambda a: raw_reconstruction(sae, a, scale), mean_acts_M)
     result = m.compute_and_reset(with_tokens=transformer is not None and token_batches is not None)
     result["mse"] = result["mse"] / scale**2  # raw-activation units whatever space the SAE works in
     out: dict[str, float | list] = {k: (v.tolist() if v.ndim else float(v)) for k, v in result.items()}

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import random
 import re
 import warnings
@@ -28,7 +27,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 
-from monosemantic.data.shards import ShardSetError, decode_context, read_manifest
+from monosemantic.data.shards import ShardSetError, decode_context, norm_scale, read_manifest
 from monosemantic.data.token_datamodule import TokenWindows, tiled_starts
 from monosemantic.data.token_store import load_split
 
@@ -110,12 +109,23 @@ class ActivationStream(IterableDataset):
             yield acts, ctx_id
         self._check_shard_size(url, n_rows)
 
-    def _emit(self, acts: torch.Tensor, ids: torch.Tensor, n: int) -> Iterator[Any]:
+    def _emit(self, acts: torch.Tensor, ids: torch.Tensor | None, n: int) -> Iterator[Any]:
         for b in range(0, n, self.batch_size):
             x = acts[b : b + self.batch_size].float()
             if self.scale != 1.0:
                 x.mul_(self.scale)
-            yield (x, ids[b : b + self.batch_size]) if self.with_ids else x
+            yield (x, ids[b : b + self.batch_size]) if ids is not None else x
+
+    def _mix(self, pend_acts: list[torch.Tensor], pend_ids: list[torch.Tensor], n: int,
+             gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Concatenate the pending rows and, when shuffling, permute them (ids only kept when asked for)."""
+        acts = torch.cat(pend_acts)
+        ids = torch.cat(pend_ids) if pend_ids else None
+        if self.shuffle:
+            perm = torch.randperm(n, generator=gen)
+            acts = acts[perm]
+            ids = ids[perm] if ids is not None else None
+        return acts, ids
 
     def _one_pass(self, pass_index: int) -> Iterator[Any]:
         rank, world, worker, n_workers = wds.utils.pytorch_worker_info()
@@ -127,27 +137,24 @@ class ActivationStream(IterableDataset):
                                 "cache more shards (smaller contexts_per_shard) or use fewer workers")
         gen = torch.Generator().manual_seed(hash((self.seed, pass_index, rank, worker)) % 2**62)
         pend_acts: list[torch.Tensor] = []
-        pend_ids: list[torch.Tensor] = []
+        pend_ids: list[torch.Tensor] = []  # context id per row, tracked only for with_ids (tests)
         n = 0
         for acts, ctx_id in self._contexts(urls):
             pend_acts.append(torch.from_numpy(acts))
-            pend_ids.append(torch.full((len(acts),), ctx_id, dtype=torch.int64))
+            if self.with_ids:
+                pend_ids.append(torch.full((len(acts),), ctx_id, dtype=torch.int64))
             n += len(acts)
             if n >= self.buffer_tokens:
-                acts_all, ids_all = torch.cat(pend_acts), torch.cat(pend_ids)
-                if self.shuffle:
-                    perm = torch.randperm(n, generator=gen)
-                    acts_all, ids_all = acts_all[perm], ids_all[perm]
+                acts_all, ids_all = self._mix(pend_acts, pend_ids, n, gen)
                 # emit all but half a buffer, which stays to mix with the next contexts
                 keep = self.buffer_tokens // 2 if self.shuffle else 0
                 n_out = (n - keep) // self.batch_size * self.batch_size
                 yield from self._emit(acts_all, ids_all, n_out)
-                pend_acts, pend_ids, n = [acts_all[n_out:]], [ids_all[n_out:]], n - n_out
+                pend_acts = [acts_all[n_out:]]
+                pend_ids = [ids_all[n_out:]] if ids_all is not None else []
+                n -= n_out
         if n:
-            acts_all, ids_all = torch.cat(pend_acts), torch.cat(pend_ids)
-            if self.shuffle:
-                perm = torch.randperm(n, generator=gen)
-                acts_all, ids_all = acts_all[perm], ids_all[perm]
+            acts_all, ids_all = self._mix(pend_acts, pend_ids, n, gen)
             n_out = n // self.batch_size * self.batch_size if self.drop_last else n
             yield from self._emit(acts_all, ids_all, n_out)
 
@@ -228,8 +235,7 @@ class ActivationDataModule(L.LightningDataModule):
         # every rank reads the same shards (no split by node), so all ranks normalise alike
         stream = self.stream("train", urls=self.train_urls[:4], batch_size=n_tokens, scale=1.0, shuffle=False,
                              infinite=False, drop_last=False, split_nodes=False)
-        x = next(iter(stream))
-        return float(math.sqrt(x.shape[1]) / x.norm(dim=1).mean().clamp_min(1e-8))
+        return norm_scale(next(iter(stream)))
 
     def stream(self, split: str, **overrides: Any) -> ActivationStream:
         train = split == "train"

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from pathlib import Path
 
 import numpy as np
+import torch
 
 FORMAT = "monosemantic.activations"
 VERSION = 1
@@ -60,6 +62,12 @@ def read_manifest(shards_dir: str | Path, d_in: int | None = None) -> dict:
     if missing:
         raise ShardSetError(f"{shards_dir}: shards listed in manifest.json are missing: {missing[:5]}")
     return m
+
+
+def norm_scale(acts_NM: np.ndarray | torch.Tensor) -> float:
+    """s such that mean ‖s·x‖ = √d_in (SAELens-style normalisation; folded back into the export)."""
+    x = torch.as_tensor(np.asarray(acts_NM, dtype=np.float32))
+    return float(math.sqrt(x.shape[1]) / x.norm(dim=1).mean().clamp_min(1e-8))
 
 
 def load_npy(data: bytes, what: str) -> np.ndarray:

@@ -24,8 +24,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from monosemantic.evaluation import SAEMetrics
-from monosemantic.metrics import density_histogram_figure, save_density_histogram
+from monosemantic.evaluation import SAEMetrics, raw_reconstruction
+from monosemantic.metrics import FeatureDensity, density_histogram_figure, save_density_histogram
 from monosemantic.models.components.sae import SparseAutoencoder
 from monosemantic.models.components.sparse_step import sparse_forward
 
@@ -66,7 +66,7 @@ class SAEModule(L.LightningModule):
         self.register_buffer("tokens_since_fired", torch.zeros(d_sae, dtype=torch.int64))
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.int64))
         self.val_metrics = SAEMetrics(d_in, d_sae, ablation)
-        self.train_density = SAEMetrics(d_in, d_sae, ablation).density
+        self.train_density = FeatureDensity(d_sae)
         self.register_buffer("norm_scale_buf", torch.ones(()))  # checkpointed: eval needs the scale
         # the last step's L0 picks the dense or sparse path; a buffer, so a resumed run picks as the original
         # did (Adam turns tiny float differences in near-zero gradients into whole-lr steps)
@@ -166,7 +166,7 @@ class SAEModule(L.LightningModule):
     # -- validation -----------------------------------------------------------------------------------
     def reconstruct_raw(self, acts_BTM: torch.Tensor) -> torch.Tensor:
         """The SAE's reconstruction of *raw* activations (normalise in, un-normalise out)."""
-        return self.sae(acts_BTM.float() * self.norm_scale).x_hat / self.norm_scale
+        return raw_reconstruction(self.sae, acts_BTM, self.norm_scale)
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int, dataloader_idx: int = 0) -> None:
         if dataloader_idx == 0:
