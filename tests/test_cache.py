@@ -169,13 +169,13 @@ def test_rerunning_a_finished_cache_is_a_no_op(tiny_shards: Path, transformer_ex
 # (after two whole shards, while the third is a half-written ``.tar.tmp``).
 KILLED_CHILD = """
 import json, sys, time
-import webdataset as wds
+import monosemantic.cache as cache
 from monosemantic.cache import CacheSettings, write_activation_cache
-write = wds.TarWriter.write
-def slow_write(self, obj):
-    time.sleep(0.05)
-    return write(self, obj)
-wds.TarWriter.write = slow_write
+write = cache._write_batch
+def slow_write(sink, idx, *arrays):  # 50 ms per context, so the kill lands mid-shard
+    time.sleep(0.05 * len(idx))
+    return write(sink, idx, *arrays)
+cache._write_batch = slow_write
 write_activation_cache(sys.argv[1], sys.argv[2], CacheSettings(**json.loads(sys.argv[3])), progress=False)
 """
 
