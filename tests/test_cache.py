@@ -26,11 +26,12 @@ from monosemantic.cache import (
     CacheSettings,
     cache_dir_for,
     context_starts,
-    norm_scale,
-    sample_positions,
+    gather_positions,
+    shard_positions,
     write_activation_cache,
 )
-from monosemantic.data.shards import FORMAT, read_manifest, shard_name
+from monosemantic.data.shard_writer import SampleBatch, TarShardWriter
+from monosemantic.data.shards import FORMAT, norm_scale, read_manifest, row_norms, shard_name
 from monosemantic.data.token_store import load_split
 from monosemantic.models.components.transformer import MLP_HOOK
 from monosemantic.models.transformer_module import load_transformer
@@ -72,18 +73,71 @@ def test_context_starts_are_distinct_aligned_tiles_and_never_repeat() -> None:
         context_starts(1000, 32, 32, seed=3)
 
 
-def test_sample_positions_are_sorted_distinct_and_seeded_per_context() -> None:
-    pos = sample_positions(ctx_index=5, n_ctx=32, k=8, seed=0)
-    assert len(set(pos.tolist())) == 8 and np.all(np.diff(pos) > 0) and 0 <= pos.min() and pos.max() < 32
-    np.testing.assert_array_equal(pos, sample_positions(5, 32, 8, 0))
-    assert not np.array_equal(pos, sample_positions(6, 32, 8, 0))
+def test_positions_are_sorted_distinct_and_seeded_per_shard() -> None:
+    pos = shard_positions(shard_index=5, n=200, n_ctx=32, k=8, seed=0)
+    assert pos.shape == (200, 8) and pos.min() >= 0 and pos.max() < 32
+    assert np.all(np.diff(pos, axis=1) > 0)  # ascending, so distinct
+    assert len({tuple(p) for p in pos.tolist()}) > 190  # contexts get their own draws
+    np.testing.assert_array_equal(pos, shard_positions(5, 200, 32, 8, 0))  # what a resumed run draws
+    assert not np.array_equal(pos, shard_positions(6, 200, 32, 8, 0))
+    assert not np.array_equal(pos, shard_positions(5, 200, 32, 8, 1))
+    counts = np.bincount(shard_positions(0, 4000, 32, 8, 0).ravel(), minlength=32)
+    assert counts.min() > 0.8 * 1000 and counts.max() < 1.2 * 1000  # uniform over positions: 4000·8/32 each
+    np.testing.assert_array_equal(shard_positions(0, 3, 32, 32, 0), np.tile(np.arange(32), (3, 1)))
     with pytest.raises(ValueError, match="tokens_per_context=33 exceeds n_ctx=32"):
-        sample_positions(0, 32, 33, 0)
+        shard_positions(0, 1, 32, 33, 0)
 
 
 def test_norm_scale_known_value() -> None:
     acts_NM = np.array([[3.0, 4.0], [6.0, 8.0]])  # norms 5 and 10, mean 7.5
     assert norm_scale(acts_NM) == pytest.approx(math.sqrt(2) / 7.5)
+
+
+def test_row_norms_do_not_depend_on_batching() -> None:
+    """The cache takes shard 0's norms batch by batch while writing, and context by context when a resumed
+    run reads shard 0 back: both must give the same bits, or the two manifests would differ."""
+    acts_NM = np.random.default_rng(0).standard_normal((4096, 512)).astype(np.float16)
+    whole = row_norms(acts_NM)
+    assert np.array_equal(np.concatenate([row_norms(acts_NM[i : i + 100]) for i in range(0, 4096, 100)]), whole)
+    assert np.array_equal(np.concatenate([row_norms(acts_NM[i : i + 1]) for i in range(4096)]), whole)
+
+
+def test_gather_positions_picks_each_contexts_rows() -> None:
+    acts_BTM = torch.randn(3, 32, 5)
+    pos_BK = torch.from_numpy(shard_positions(0, 3, 32, 8, 0))
+    expected = torch.stack([acts_BTM[b, pos_BK[b]] for b in range(3)])
+    assert torch.equal(gather_positions(acts_BTM, pos_BK), expected)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_sample_batches_write_exactly_what_tarfile_writes(tmp_path, dtype) -> None:
+    """The fast writer lays samples out from one template and patches keys and checksums in: the file
+    must be byte-identical to the standard library's USTAR writer (so tarfile and webdataset read it)."""
+    rng = np.random.default_rng(0)
+    members = {"acts": (np.dtype(dtype), (5, 3)), "tokens": (np.int32, (5,)), "context": (np.int32, (11,))}
+    batches = [[(c, {name: rng.standard_normal(shape).astype(dt) if name == "acts" else
+                     rng.integers(0, 2**31 - 1, shape).astype(dt) for name, (dt, shape) in members.items()})
+                for c in cs] for cs in ([7, 123_456_789, 42], [999_999_999, 0])]
+    batch = SampleBatch(3, members)
+    with TarShardWriter(tmp_path / "fast.tar") as sink:
+        for samples in batches:
+            for j, (_, arrays) in enumerate(samples):
+                for name, arr in arrays.items():
+                    batch.arrays[name][j] = arr
+            batch.set_keys([c for c, _ in samples])
+            sink.write(batch.rows(len(samples)))
+    with tarfile.open(tmp_path / "ref.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+        for c, arrays in (s for samples in batches for s in samples):
+            for name, arr in arrays.items():
+                data = io.BytesIO()
+                np.save(data, arr)
+                info = tarfile.TarInfo(f"{c:09d}.{name}.npy")
+                info.size, info.mode = data.tell(), 0o444
+                data.seek(0)
+                tar.addfile(info, data)
+    assert (tmp_path / "fast.tar").read_bytes() == (tmp_path / "ref.tar").read_bytes()
+    with pytest.raises(ValueError, match="outside"):
+        batch.set_keys([10**9])
 
 
 def test_cache_dir_is_keyed_by_contents_not_speed(tmp_path) -> None:
@@ -134,7 +188,9 @@ def test_rows_are_the_transformers_hook_output_at_the_recorded_positions(tiny_sh
         s, c = samples[key], int(key)
         # the context is the c-th window of the seeded order; the positions are the seeded draw
         np.testing.assert_array_equal(s["context"], train[starts[c] : starts[c] + N_CTX].astype(np.int32))
-        np.testing.assert_array_equal(s["positions"], sample_positions(c, N_CTX, 8, TINY.seed))
+        shard, row = divmod(c, TINY.contexts_per_shard)
+        np.testing.assert_array_equal(s["positions"], shard_positions(shard, TINY.contexts_per_shard, N_CTX, 8,
+                                                                      TINY.seed)[row])
         np.testing.assert_array_equal(s["tokens"], s["context"][s["positions"]])
 
         # the MLP hook's output in a full forward (independent of mlp_acts' early stop)
@@ -172,9 +228,9 @@ import json, sys, time
 import monosemantic.cache as cache
 from monosemantic.cache import CacheSettings, write_activation_cache
 write = cache._write_batch
-def slow_write(sink, idx, *arrays):  # 50 ms per context, so the kill lands mid-shard
-    time.sleep(0.05 * len(idx))
-    return write(sink, idx, *arrays)
+def slow_write(sink, batch, n):  # 50 ms per context, so the kill lands mid-shard
+    time.sleep(0.05 * n)
+    return write(sink, batch, n)
 cache._write_batch = slow_write
 write_activation_cache(sys.argv[1], sys.argv[2], CacheSettings(**json.loads(sys.argv[3])), progress=False)
 """

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import io
 import json
 import logging
 import math
-import tarfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,7 +27,8 @@ import torch
 import webdataset as wds
 from tqdm.auto import tqdm
 
-from monosemantic.data.shards import FORMAT, VERSION, decode_context, norm_scale, shard_name
+from monosemantic.data.shard_writer import SampleBatch, TarShardWriter, aligned_zeros
+from monosemantic.data.shards import FORMAT, VERSION, decode_context, row_norms, scale_from_norms, shard_name
 from monosemantic.data.token_store import load_split
 from monosemantic.models.components.transformer import MLP_HOOK
 from monosemantic.models.transformer_module import load_transformer
@@ -68,42 +68,45 @@ def context_starts(n_tokens: int, n_ctx: int, n_contexts: int, seed: int) -> np.
     return np.random.default_rng(seed).permutation(tiles)[:n_contexts]
 
 
-def sample_positions(ctx_index: int, n_ctx: int, k: int, seed: int) -> np.ndarray:
+def shard_positions(shard_index: int, n: int, n_ctx: int, k: int, seed: int) -> np.ndarray:
+    """``[n, k]``: for each of a shard's ``n`` contexts, ``k`` distinct positions in ascending order, drawn
+    from a generator seeded by (seed, shard): a resumed run (which restarts at a shard) draws the same.
+    Every position, without drawing, when ``k == n_ctx``."""
     if k > n_ctx:
         raise ValueError(f"tokens_per_context={k} exceeds n_ctx={n_ctx}")
-    return np.sort(np.random.default_rng([seed, ctx_index]).choice(n_ctx, size=k, replace=False))
+    if k == n_ctx:
+        return np.broadcast_to(np.arange(n_ctx), (n, n_ctx))
+    rng = np.random.default_rng([seed, shard_index])
+    return np.sort(np.argsort(rng.random((n, n_ctx)), axis=1)[:, :k], axis=1)
 
 
-@functools.lru_cache(maxsize=64)
-def _npy_header(descr: str, shape: tuple[int, ...]) -> bytes:
-    buf = io.BytesIO()
-    np.lib.format.write_array_header_1_0(buf, {"descr": descr, "fortran_order": False, "shape": shape})
-    return buf.getvalue()
+def gather_positions(acts_BTM: torch.Tensor, pos_BK: torch.Tensor) -> torch.Tensor:
+    """``acts_BTM[b, pos_BK[b]]`` as one row gather: ``[B, K, M]``."""
+    B, T, M = acts_BTM.shape
+    rows = (torch.arange(B, device=acts_BTM.device)[:, None] * T + pos_BK.to(acts_BTM.device)).reshape(-1)
+    return acts_BTM.reshape(B * T, M).index_select(0, rows).view(B, -1, M)
 
 
-def npy_bytes(arr: np.ndarray) -> bytes:
-    """The bytes of ``np.save(arr)``; the header is cached per dtype and shape (every context has the same),
-    which makes encoding ~3× cheaper than building it per array."""
-    arr = np.ascontiguousarray(arr)
-    return _npy_header(np.lib.format.dtype_to_descr(arr.dtype), arr.shape) + arr.tobytes()
+def _host_zeros(shape: tuple[int, ...], dtype: np.dtype, pinned: bool) -> np.ndarray:
+    """Zeroed, page-aligned host memory; page-locked when the activations come from a GPU (faster copies)."""
+    return torch.zeros(shape, dtype=torch.uint8, pin_memory=True).numpy() if pinned else aligned_zeros(shape, dtype)
 
 
-def _write_batch(sink: tarfile.TarFile, idx: np.ndarray, picked_BKM: np.ndarray, ctx_BT: np.ndarray,
-                 pos_BK: np.ndarray) -> None:
-    """One tar sample per context (webdataset's layout: members ``<key>.<name>``, grouped by key)."""
-    for j, c in enumerate(idx):
-        key = f"{int(c):09d}"
-        for name, arr in (("acts", picked_BKM[j]), ("tokens", ctx_BT[j, pos_BK[j]].astype(np.int32)),
-                          ("positions", pos_BK[j].astype(np.int32)), ("context", ctx_BT[j].astype(np.int32))):
-            data = npy_bytes(arr)
-            info = tarfile.TarInfo(f"{key}.{name}.npy")
-            info.size, info.mode = len(data), 0o444
-            sink.addfile(info, io.BytesIO(data))
+def _write_batch(sink: TarShardWriter, batch: SampleBatch, n: int) -> None:
+    """The writer thread's job: the first ``n`` samples of ``batch``, already laid out as tar bytes."""
+    sink.write(batch.rows(n))
+
+
+def _finish_shard(sink: TarShardWriter, final: Path) -> None:
+    """The shard's end-of-archive, then its final name: only whole shards ever carry it."""
+    sink.close()
+    sink.path.rename(final)
 
 
 @torch.inference_mode()
 def write_activation_cache(model_dir: str | Path, out_dir: str | Path, settings: CacheSettings,
-                           device: str = "cpu", progress: bool = True) -> Path:
+                           device: str = "cpu", progress: bool = True, max_pending: int = 4,
+                           direct_io: bool = True) -> Path:
     """Write (or finish, or find) the shard set for this model and these settings; returns ``out_dir``."""
     out_dir, model_dir = Path(out_dir), Path(model_dir)
     if (out_dir / "manifest.json").is_file():
@@ -111,11 +114,14 @@ def write_activation_cache(model_dir: str | Path, out_dir: str | Path, settings:
         return out_dir
     net, mcfg = load_transformer(model_dir, device)
     n_ctx = int(mcfg["model"]["n_ctx"])
-    tokens = load_split(mcfg["token_store"], settings.split)
+    tokens = np.asarray(load_split(mcfg["token_store"], settings.split))  # a plain view of the memmap
+    window = np.arange(n_ctx)
     starts = context_starts(len(tokens), n_ctx, settings.n_contexts, settings.seed)
     k, cps = settings.tokens_per_context, settings.contexts_per_shard
     n_shards = math.ceil(settings.n_contexts / cps)
-    np_dtype = np.dtype(settings.dtype)
+    torch_dtype = {"float16": torch.float16, "float32": torch.float32}.get(settings.dtype)
+    if torch_dtype is None:
+        raise ValueError(f"settings.dtype={settings.dtype!r}: the shard format allows float16 or float32")
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob("*.tar.tmp"):  # a shard a killed run left half-written
         stale.unlink()
@@ -128,47 +134,77 @@ def write_activation_cache(model_dir: str | Path, out_dir: str | Path, settings:
     start_time, fwd_tokens = time.time(), 0
     bar = tqdm(total=n_todo_ctx * n_ctx, unit="tok", unit_scale=True, desc="caching activations",
                disable=not progress)
-    for i in todo:
-        lo, hi = i * cps, min((i + 1) * cps, settings.n_contexts)
-        tmp = out_dir / (shard_name(i) + ".tmp")
-        # The standard library's tarfile writes the shard (webdataset reads it): plain USTAR headers with
-        # mtime 0 cost 1.6× less than webdataset's TarWriter (which adds a PAX header per member) and give
-        # byte-identical shards when a run is repeated or resumed. A writer thread encodes and writes
-        # batch b while the main thread runs the forward of batch b+1: on a GPU the forward runs
-        # asynchronously and the writing hides behind it; on 2 CPU cores both compete for the cores.
-        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as sink, ThreadPoolExecutor(1) as writer:
-            pending = []
-            for b in range(lo, hi, settings.batch_size):
-                idx = np.arange(b, min(b + settings.batch_size, hi))
-                ctx_BT = np.stack([tokens[s : s + n_ctx] for s in starts[idx]]).astype(np.int64)
-                acts_BTM = net.mlp_acts(torch.from_numpy(ctx_BT).to(device))
-                pos_BK = np.stack([sample_positions(int(c), n_ctx, k, settings.seed) for c in idx])
-                picked_BKM = torch.gather(acts_BTM, 1, torch.from_numpy(pos_BK).to(device)[..., None]
-                                          .expand(-1, -1, acts_BTM.shape[-1]))
-                picked_BKM = picked_BKM.to("cpu", torch.float16 if np_dtype == np.float16 else torch.float32)
-                pending.append(writer.submit(_write_batch, sink, idx, picked_BKM.numpy(), ctx_BT, pos_BK))
-                fwd_tokens += ctx_BT.size
-                bar.update(ctx_BT.size)
+    norms0: list[np.ndarray] = []  # the row norms of shard 0, for the normalisation scale (no read-back)
+    # ``max_pending`` reusable batch buffers, each holding its contexts as finished tar samples: fresh
+    # memory per batch would be page-faulted in each time (on the dev VM ~2.3 s of kernel time per GB).
+    members = {"acts": (np.dtype(settings.dtype), (k, net.cfg.d_mlp)), "tokens": (np.int32, (k,)),
+               "positions": (np.int32, (k,)), "context": (np.int32, (n_ctx,))}
+    pinned = torch.device(device).type == "cuda"
+    ring = [SampleBatch(settings.batch_size, members, allocate=functools.partial(_host_zeros, pinned=pinned))
+            for _ in range(max_pending)]
+    ring_acts = [torch.from_numpy(batch.arrays["acts"]) for batch in ring]
+    n_batches, sinks = 0, []
+    # One writer thread takes batch b (one ``write``, which releases the GIL) and closes and renames
+    # finished shards while the main thread runs the forward of batch b+1. On a GPU the forward is
+    # asynchronous; on 2 CPU cores the writer competes with it, but its share is small (an O_DIRECT write
+    # of an 8.6 MB batch costs ~0.25 ms of CPU). At most ``max_pending`` jobs are queued, so at most that
+    # many ring buffers are in use.
+    pending: deque[Future] = deque()
+    with ThreadPoolExecutor(1, thread_name_prefix="shard-writer") as writer:
+        try:
+            for i in todo:
+                lo, hi = i * cps, min((i + 1) * cps, settings.n_contexts)
+                tmp = out_dir / (shard_name(i) + ".tmp")
+                sink = TarShardWriter(tmp, direct=direct_io)
+                sinks.append(sink)
+                pos_NK = shard_positions(i, hi - lo, n_ctx, k, settings.seed)
+                for b in range(lo, hi, settings.batch_size):
+                    idx = np.arange(b, min(b + settings.batch_size, hi))
+                    n = len(idx)
+                    ctx_BT = tokens[starts[idx, None] + window].astype(np.int64)
+                    acts_BTM = net.mlp_acts(torch.from_numpy(ctx_BT).to(device))
+                    pos_BK = pos_NK[b - lo : b - lo + n]
+                    picked_BKM = acts_BTM if k == n_ctx else gather_positions(acts_BTM, torch.from_numpy(pos_BK))
+                    while len(pending) >= max_pending:  # frees the buffer this batch is about to fill
+                        pending.popleft().result()  # re-raises a writer error, before its shard is renamed
+                    slot = n_batches % max_pending
+                    batch, n_batches = ring[slot], n_batches + 1
+                    ring_acts[slot][:n].copy_(picked_BKM)  # float16 (or 32) straight into the tar stream
+                    batch.arrays["context"][:n] = ctx_BT
+                    batch.arrays["positions"][:n] = pos_BK
+                    batch.arrays["tokens"][:n] = np.take_along_axis(ctx_BT, pos_BK, axis=1)
+                    batch.set_keys(idx)
+                    if i == 0:
+                        norms0.append(row_norms(ring_acts[slot][:n].reshape(n * k, -1)))
+                    pending.append(writer.submit(_write_batch, sink, batch, n))
+                    fwd_tokens += ctx_BT.size
+                    bar.update(ctx_BT.size)
+                pending.append(writer.submit(_finish_shard, sink, out_dir / shard_name(i)))
+            while pending:
+                pending.popleft().result()
+        finally:  # on an error: wait for the writer, close what is open (the .tmp files are redone next run)
             for job in pending:
-                job.result()  # re-raises a writer error here, before the shard is renamed
-        tmp.rename(out_dir / shard_name(i))
+                job.exception()
+            for sink in sinks:
+                sink.abandon()
     bar.close()
     elapsed = time.time() - start_time
     if fwd_tokens:
         log.info("cached %d contexts in %.1f s: %.0f tokens/s forwarded, %.0f activations/s written",
                  n_todo_ctx, elapsed, fwd_tokens / elapsed, n_todo_ctx * k / elapsed)
 
-    first = next(iter(wds.DataPipeline(wds.SimpleShardList([str(out_dir / shard_name(0))]),
-                                       wds.tarfile_to_samples(), wds.batched(10**9, collation_fn=list))))
-    sample_NM = np.concatenate([decode_context(s, net.cfg.d_mlp)["acts"] for s in first])
+    if not norms0:  # resumed after shard 0 was written: read it back (the same rows, so the same scale)
+        first = wds.DataPipeline(wds.SimpleShardList([str(out_dir / shard_name(0))]), wds.tarfile_to_samples())
+        norms0 = [row_norms(decode_context(s, net.cfg.d_mlp, extras=())["acts"]) for s in first]
+    norms0_N = np.concatenate(norms0)
     shards = [{"name": shard_name(i), "n_tokens": (min((i + 1) * cps, settings.n_contexts) - i * cps) * k}
               for i in range(n_shards)]
     manifest = {
         "format": FORMAT, "version": VERSION, "d_in": net.cfg.d_mlp, "dtype": settings.dtype, "hook": MLP_HOOK,
         "n_tokens": sum(s["n_tokens"] for s in shards), "tokens_per_context": k, "n_ctx": n_ctx,
         "n_contexts": settings.n_contexts, "shards": shards,
-        "normalization": {"scale": norm_scale(sample_NM), "target_mean_norm": math.sqrt(net.cfg.d_mlp),
-                          "n_sample_tokens": len(sample_NM)},
+        "normalization": {"scale": scale_from_norms(norms0_N, net.cfg.d_mlp),
+                          "target_mean_norm": math.sqrt(net.cfg.d_mlp), "n_sample_tokens": len(norms0_N)},
         "model": {"checkpoint": str(model_dir.resolve()), "config": mcfg["model"]},
         "tokenizer": str((model_dir / mcfg["tokenizer"]).resolve()) if mcfg.get("tokenizer") else None,
         "token_store": mcfg["token_store"], "settings": asdict(settings),

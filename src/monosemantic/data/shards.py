@@ -64,10 +64,20 @@ def read_manifest(shards_dir: str | Path, d_in: int | None = None) -> dict:
     return m
 
 
+def row_norms(acts_NM: np.ndarray | torch.Tensor) -> np.ndarray:
+    """‖x‖ of each row, in float32 (each row's value does not depend on how the rows are batched)."""
+    x = torch.as_tensor(np.asarray(acts_NM)).float()
+    return torch.linalg.vector_norm(x, dim=1).numpy()
+
+
+def scale_from_norms(norms_N: np.ndarray, d_in: int) -> float:
+    """s such that mean ‖s·x‖ = √d_in, given the rows' norms."""
+    return float(math.sqrt(d_in) / max(float(np.mean(norms_N, dtype=np.float64)), 1e-8))
+
+
 def norm_scale(acts_NM: np.ndarray | torch.Tensor) -> float:
     """s such that mean ‖s·x‖ = √d_in (SAELens-style normalisation; folded back into the export)."""
-    x = torch.as_tensor(np.asarray(acts_NM, dtype=np.float32))
-    return float(math.sqrt(x.shape[1]) / x.norm(dim=1).mean().clamp_min(1e-8))
+    return scale_from_norms(row_norms(acts_NM), np.shape(acts_NM)[1])
 
 
 def load_npy(data: bytes, what: str) -> np.ndarray:
