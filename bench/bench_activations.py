@@ -182,9 +182,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="small sizes: a check that runs in under a minute")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--n-contexts", type=int, help="contexts cached per repeat (default 2048; quick 512)")
-    p.add_argument("--tokens-per-context", type=int, help="default 64; quick 16")
-    p.add_argument("--contexts-per-shard", type=int, help="default 256; quick 64")
+    p.add_argument("--n-contexts", type=int, help="contexts cached per repeat (default 4096; quick 512)")
+    p.add_argument("--tokens-per-context", type=int, help="default: every position, as the demo caches "
+                   "(the model's n_ctx); quick 16")
+    p.add_argument("--contexts-per-shard", type=int, help="default 1024 (the demo's); quick 64")
     p.add_argument("--cache-batch-size", type=int, default=64, help="contexts per forward (both arms)")
     p.add_argument("--sae-batch-size", type=int, help="default 4096; quick 1024")
     p.add_argument("--d-sae", type=int, help="default 4096; quick 1024")
@@ -199,8 +200,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.repeats < 3:
         p.error("--repeats must be at least 3 (the ratios are medians)")
     quick = args.quick
-    for name, full, small in [("n_contexts", 2048, 512), ("tokens_per_context", 64, 16),
-                              ("contexts_per_shard", 256, 64), ("sae_batch_size", 4096, 1024),
+    for name, full, small in [("n_contexts", 4096, 512), ("tokens_per_context", None, 16),
+                              ("contexts_per_shard", 1024, 64), ("sae_batch_size", 4096, 1024),
                               ("d_sae", 4096, 1024), ("steps", 20, 10), ("buffer_tokens", 262_144, 8192)]:
         if getattr(args, name) is None:
             setattr(args, name, small if quick else full)
@@ -245,6 +246,8 @@ def main(argv: list[str] | None = None) -> dict:
         results: dict = {"device": args.device, "torch": torch.__version__,
                          "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
                          "model_dir": str(model_dir) if model_dir else None}
+        if args.tokens_per_context is None and model_dir is not None:  # every position, as the demo
+            args.tokens_per_context = int(json.loads((model_dir / "config.json").read_text())["model"]["n_ctx"])
         settings = CacheSettings(n_contexts=args.n_contexts, tokens_per_context=args.tokens_per_context,
                                  contexts_per_shard=args.contexts_per_shard, batch_size=args.cache_batch_size)
         shards = args.shards

@@ -11,7 +11,9 @@ import io
 import itertools
 import json
 import math
+import os
 import shutil
+import subprocess
 import tarfile
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -22,7 +24,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader
 
-from monosemantic.data.activation_datamodule import ActivationDataModule
+from monosemantic.data.activation_datamodule import ActivationDataModule, ActivationStream
 from monosemantic.data.shards import FORMAT, ShardSetError, shard_name
 
 TPC, D_MLP, N_TRAIN_CTX = 8, 64, 80
@@ -279,3 +281,43 @@ def test_nan_activations_name_the_shard_and_sample(tmp_path: Path) -> None:
     dm.setup()
     with pytest.raises(ShardSetError, match=r"shard-000001.tar sample s1-c3: acts contain NaN"):
         list(dm.stream("train", infinite=False))
+
+
+def test_contexts_of_any_length_stream_exactly_once(tmp_path: Path) -> None:
+    """The shuffle buffer is sized from the first context and grows when a longer one arrives."""
+    rng = np.random.default_rng(0)
+    lengths = [2, 5, 300, 1, 77, 513, 9, 40]  # the first is the shortest but one
+    urls, everything = [], []
+    for s in range(2):
+        url = tmp_path / shard_name(s)
+        with wds.TarWriter(str(url)) as sink:
+            for j, n in enumerate(lengths):
+                acts = rng.standard_normal((n, 6)).astype(np.float16)
+                sink.write({"__key__": f"{s}-{j}", "acts.npy": acts})
+                everything.append(acts)
+        urls.append(str(url))
+    stream = ActivationStream(urls, d_in=6, batch_size=16, buffer_tokens=64, shuffle=True, infinite=False,
+                              drop_last=False)
+    got = torch.cat(list(stream)).numpy()
+    expected = np.concatenate(everything).astype(np.float32)
+    assert got.shape == expected.shape
+    np.testing.assert_array_equal(sorted_rows(got), sorted_rows(expected))
+
+
+def test_streaming_leaves_the_shards_out_of_the_page_cache(tiny_shards: Path, tmp_path: Path) -> None:
+    """A pass reads each shard once and drops its pages (a shard set at scale is far larger than RAM)."""
+    shards = copy_set(tiny_shards, tmp_path / "set")  # copying leaves them cached …
+    os.sync()  # … and written back (dirty pages cannot be dropped, only clean ones)
+    urls = [str(shards / shard_name(i)) for i in range(5)]
+    resident = lambda: sum(int(subprocess.run(  # noqa: E731
+        ["fincore", "--bytes", "--noheadings", "--output", "RES", u], capture_output=True, text=True,
+        check=True).stdout) for u in urls)
+    size = sum(Path(u).stat().st_size for u in urls)
+    assert resident() > 0.9 * size
+    rows = sum(len(b) for b in ActivationStream(urls, d_in=D_MLP, batch_size=32, buffer_tokens=128,
+                                                infinite=False, drop_last=False))
+    assert rows == N_TRAIN_CTX * TPC
+    assert resident() == 0
+    kept = ActivationStream(urls, d_in=D_MLP, batch_size=32, infinite=False, drop_page_cache=False)
+    sum(len(b) for b in kept)
+    assert resident() > 0.9 * size  # the option keeps them

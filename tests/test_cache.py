@@ -30,7 +30,7 @@ from monosemantic.cache import (
     shard_positions,
     write_activation_cache,
 )
-from monosemantic.data.shard_writer import SampleBatch, TarShardWriter
+from monosemantic.data.shard_writer import SampleBatch, TarShardWriter, aligned_zeros
 from monosemantic.data.shards import FORMAT, norm_scale, read_manifest, row_norms, shard_name
 from monosemantic.data.token_store import load_split
 from monosemantic.models.components.transformer import MLP_HOOK
@@ -272,3 +272,56 @@ def test_killed_cache_resumes_into_the_uninterrupted_set(tiny_shards: Path, tran
         for name, arr in sample.items():
             np.testing.assert_array_equal(resumed[key][name], arr, err_msg=f"{key}.{name}")
     assert read_manifest(out) == read_manifest(tiny_shards)
+
+
+def resident_bytes(path: Path) -> int:
+    """Bytes of ``path`` in the page cache (util-linux ``fincore``)."""
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+                         capture_output=True, text=True, check=True).stdout
+    return int(out.strip())
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_shard_writer_direct_and_buffered_write_the_same_bytes_and_leave_no_cache(tmp_path, direct) -> None:
+    """O_DIRECT for page-aligned batches, the page cache (then dropped) otherwise; same bytes either way."""
+    rng = np.random.default_rng(1)
+    aligned = aligned_zeros((4, 4096))
+    aligned[:] = rng.integers(0, 256, aligned.shape)
+    odd = rng.integers(0, 256, (3, 512)).astype(np.uint8)  # not a multiple of a page: leaves O_DIRECT
+    path = tmp_path / "s.tar"
+    with TarShardWriter(path, direct=direct) as sink:
+        sink.write(aligned)
+        sink.write(aligned[:2])
+        assert sink.direct == direct  # ext4 (the test machine) accepts O_DIRECT
+        sink.write(odd)
+        assert not sink.direct
+        sink.write(aligned)
+    data = path.read_bytes()
+    body = aligned.tobytes() + aligned[:2].tobytes() + odd.tobytes() + aligned.tobytes()
+    assert data[: len(body)] == body and not any(data[len(body) :])
+    assert len(data) % tarfile.RECORDSIZE == 0 and len(data) - len(body) >= 2 * tarfile.BLOCKSIZE
+    # (read_bytes above cached the file; a fresh write is what the check below is about)
+    path.unlink()
+    with TarShardWriter(path, direct=direct) as sink:
+        for _ in range(256):
+            sink.write(aligned)
+    assert resident_bytes(path) < 0.05 * path.stat().st_size  # (without the drop: all 4 MB)
+
+
+def test_a_failed_write_never_completes_its_shard(tmp_path, monkeypatch) -> None:
+    import errno
+
+    import monosemantic.data.shard_writer as sw
+
+    def full_disk(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    sink = TarShardWriter(tmp_path / "s.tar.tmp")
+    sink.write(aligned_zeros((1, 4096)))
+    monkeypatch.setattr(sw.os, "write", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        sink.write(aligned_zeros((1, 4096)))
+    monkeypatch.undo()
+    with pytest.raises(OSError, match="earlier write failed"):
+        sink.close()  # no end-of-archive is written: the shard cannot pass for whole
+    assert (tmp_path / "s.tar.tmp").stat().st_size == 4096

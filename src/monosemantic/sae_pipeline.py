@@ -36,7 +36,8 @@ def ensure_shards(cfg: DictConfig, timings: dict | None = None) -> Path:
     settings = CacheSettings(**OmegaConf.to_container(cfg.settings, resolve=True))
     out_dir = Path(cfg.out_dir) if cfg.out_dir else cache_dir_for(model_dir, settings,
                                                                    Path(cfg.paths.data_dir) / "activations")
-    out = write_activation_cache(model_dir, out_dir, settings, device=cfg.device)
+    out = write_activation_cache(model_dir, out_dir, settings, device=cfg.device,
+                                 direct_io=cfg.get("direct_io", True))
     timings["cache activations"] = time.time() - t0
     return out
 

@@ -12,7 +12,10 @@
 
 from __future__ import annotations
 
+import functools
+import io
 import logging
+import os
 import random
 import re
 import warnings
@@ -42,6 +45,89 @@ def _shard_in(exn: Exception) -> str | None:
     return None
 
 
+class _PageDroppingFile(io.RawIOBase):
+    """A shard opened for one sequential read that drops the pages it has read from the page cache.
+
+    A shard set is read once per pass and, at scale, is far larger than RAM: cached pages would only evict
+    more useful ones. On the 2-core dev VM, where each fresh page costs a fault to the host, recycling the
+    same pages also makes reading ~6× cheaper in kernel time (0.10 vs 2.8 s per 1.7 GB)."""
+
+    DROP_EVERY = 32 << 20
+
+    def __init__(self, path: str) -> None:
+        self.name = path
+        self._fd = os.open(path, os.O_RDONLY)
+        self._pos = self._dropped = 0
+        os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)  # a larger read-ahead
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        n = os.readv(self._fd, [b])
+        self._pos += n
+        if self._pos - self._dropped >= self.DROP_EVERY:
+            os.posix_fadvise(self._fd, 0, self._pos, os.POSIX_FADV_DONTNEED)
+            self._dropped = self._pos
+        return n
+
+    def close(self) -> None:
+        if not self.closed:
+            os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(self._fd)
+        super().close()
+
+
+def _open_shards(urls: Iterator[dict], handler, drop_page_cache: bool = True) -> Iterator[dict]:
+    """webdataset's ``url_opener`` for local shards: a 1 MiB buffer (tarfile reads 10 KiB at a time) over a
+    file that drops the pages it has read; each shard is closed once the next is asked for."""
+    for sample in urls:
+        url = sample["url"]
+        try:
+            raw = _PageDroppingFile(url) if drop_page_cache and hasattr(os, "posix_fadvise") else io.FileIO(url)
+        except Exception as exn:
+            exn.args = (*exn.args, url)
+            if handler(exn):
+                continue
+            break
+        with io.BufferedReader(raw, buffer_size=1 << 20) as stream:
+            yield {**sample, "stream": stream}
+
+
+class _RowBuffer:
+    """The token-level shuffle buffer: rows appended in place (no per-refill concatenation or permuted
+    copy of the whole buffer: on the dev VM those fresh 134 MB allocations cost ~7 ms per 4,096-row
+    batch), and the rows kept for the next round compacted into a second buffer that is then swapped in."""
+
+    def __init__(self, capacity: int, d_in: int, dtype: np.dtype, with_ids: bool) -> None:
+        tdtype = torch.from_numpy(np.empty(0, dtype)).dtype
+        self.acts, self._spare = (torch.empty(capacity, d_in, dtype=tdtype) for _ in range(2))
+        self.ids = torch.empty(capacity, dtype=torch.int64) if with_ids else None
+        self.n = 0
+
+    def append(self, acts: np.ndarray, ctx_id: int) -> None:
+        r = len(acts)
+        if self.n + r > len(self.acts):  # a context longer than the first: grow (rare)
+            grow = max(self.n + r, len(self.acts) * 3 // 2)
+            self.acts = torch.cat([self.acts[: self.n], self.acts.new_empty(grow - self.n, self.acts.shape[1])])
+            self._spare = torch.empty_like(self.acts)
+            if self.ids is not None:
+                self.ids = torch.cat([self.ids[: self.n], self.ids.new_empty(grow - self.n)])
+        self.acts[self.n : self.n + r] = torch.from_numpy(acts)
+        if self.ids is not None:
+            self.ids[self.n : self.n + r] = ctx_id
+        self.n += r
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only ``rows`` (in that order) at the front."""
+        m = len(rows)
+        torch.index_select(self.acts, 0, rows, out=self._spare[:m])
+        self.acts, self._spare = self._spare, self.acts
+        if self.ids is not None:
+            self.ids[:m] = self.ids.index_select(0, rows)
+        self.n = m
+
+
 class ActivationStream(IterableDataset):
     """Batches of activations from tar shards. ``with_ids`` also yields each row's context id (for tests).
 
@@ -54,7 +140,7 @@ class ActivationStream(IterableDataset):
                  seed: int = 0, shuffle: bool = True, infinite: bool = False, drop_last: bool = True,
                  skip_corrupt: bool = False, with_ids: bool = False,
                  shard_tokens: dict[str, int] | None = None, split_nodes: bool = True,
-                 skip_batches: int = 0) -> None:
+                 skip_batches: int = 0, drop_page_cache: bool = True) -> None:
         super().__init__()
         if not urls:
             raise ShardSetError("no shards to stream")
@@ -64,6 +150,7 @@ class ActivationStream(IterableDataset):
         self.drop_last, self.skip_corrupt, self.with_ids = drop_last, skip_corrupt, with_ids
         self.shard_tokens, self.split_nodes = dict(shard_tokens or {}), split_nodes
         self.skip_batches = skip_batches  # batches of this rank's stream already trained on (resume)
+        self.drop_page_cache = drop_page_cache
         self.n_skipped = 0
         self._reported: set[str] = set()  # shards already reported this pass (one problem, one count)
 
@@ -89,9 +176,14 @@ class ActivationStream(IterableDataset):
 
     def _contexts(self, urls: list[str]) -> Iterator[tuple[np.ndarray, int]]:
         self._reported = set()
+        # webdataset's ``tarfile_to_samples`` with our opener (wds.gopen for any url that is not a file)
+        local = not any("://" in u or u.startswith("pipe:") for u in urls)
+        opener = (functools.partial(_open_shards, handler=self._handler, drop_page_cache=self.drop_page_cache)
+                  if local else functools.partial(wds.tariterators.url_opener, handler=self._handler))
         pipeline = wds.DataPipeline(
-            wds.SimpleShardList(urls), *([wds.split_by_node] if self.split_nodes else []),
-            wds.split_by_worker, wds.tarfile_to_samples(handler=self._handler),
+            wds.SimpleShardList(urls), *([wds.split_by_node] if self.split_nodes else []), wds.split_by_worker,
+            opener, functools.partial(wds.tariterators.tar_file_expander, handler=self._handler),
+            functools.partial(wds.tariterators.group_by_keys, handler=self._handler),
         )
         url, n_rows = None, 0  # rows read from the current shard (a worker reads each shard whole)
         for sample in pipeline:
@@ -109,23 +201,14 @@ class ActivationStream(IterableDataset):
             yield acts, ctx_id
         self._check_shard_size(url, n_rows)
 
-    def _emit(self, acts: torch.Tensor, ids: torch.Tensor | None, n: int) -> Iterator[Any]:
-        for b in range(0, n, self.batch_size):
-            x = acts[b : b + self.batch_size].float()
+    def _emit(self, buf: _RowBuffer, order: torch.Tensor) -> Iterator[Any]:
+        """Batches of the buffer's rows in ``order`` (fresh float32 tensors, scaled)."""
+        for b in range(0, len(order), self.batch_size):
+            rows = order[b : b + self.batch_size]
+            x = buf.acts.index_select(0, rows).float()  # a copy: the buffer is refilled while x is in use
             if self.scale != 1.0:
                 x.mul_(self.scale)
-            yield (x, ids[b : b + self.batch_size]) if ids is not None else x
-
-    def _mix(self, pend_acts: list[torch.Tensor], pend_ids: list[torch.Tensor], n: int,
-             gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Concatenate the pending rows and, when shuffling, permute them (ids only kept when asked for)."""
-        acts = torch.cat(pend_acts)
-        ids = torch.cat(pend_ids) if pend_ids else None
-        if self.shuffle:
-            perm = torch.randperm(n, generator=gen)
-            acts = acts[perm]
-            ids = ids[perm] if ids is not None else None
-        return acts, ids
+            yield (x, buf.ids.index_select(0, rows)) if buf.ids is not None else x
 
     def _one_pass(self, pass_index: int) -> Iterator[Any]:
         rank, world, worker, n_workers = wds.utils.pytorch_worker_info()
@@ -136,27 +219,22 @@ class ActivationStream(IterableDataset):
             raise ShardSetError(f"{len(urls)} training shards cannot feed {world} ranks × {n_workers} workers; "
                                 "cache more shards (smaller contexts_per_shard) or use fewer workers")
         gen = torch.Generator().manual_seed(hash((self.seed, pass_index, rank, worker)) % 2**62)
-        pend_acts: list[torch.Tensor] = []
-        pend_ids: list[torch.Tensor] = []  # context id per row, tracked only for with_ids (tests)
-        n = 0
+        buf = None
         for acts, ctx_id in self._contexts(urls):
-            pend_acts.append(torch.from_numpy(acts))
-            if self.with_ids:
-                pend_ids.append(torch.full((len(acts),), ctx_id, dtype=torch.int64))
-            n += len(acts)
-            if n >= self.buffer_tokens:
-                acts_all, ids_all = self._mix(pend_acts, pend_ids, n, gen)
+            if buf is None:  # allocated once per pass, in the shards' dtype (float16: half the memory)
+                buf = _RowBuffer(self.buffer_tokens + len(acts), acts.shape[1], acts.dtype, self.with_ids)
+            buf.append(acts, ctx_id)
+            if buf.n >= self.buffer_tokens:
+                order = torch.randperm(buf.n, generator=gen) if self.shuffle else torch.arange(buf.n)
                 # emit all but half a buffer, which stays to mix with the next contexts
                 keep = self.buffer_tokens // 2 if self.shuffle else 0
-                n_out = (n - keep) // self.batch_size * self.batch_size
-                yield from self._emit(acts_all, ids_all, n_out)
-                pend_acts = [acts_all[n_out:]]
-                pend_ids = [ids_all[n_out:]] if ids_all is not None else []
-                n -= n_out
-        if n:
-            acts_all, ids_all = self._mix(pend_acts, pend_ids, n, gen)
-            n_out = n // self.batch_size * self.batch_size if self.drop_last else n
-            yield from self._emit(acts_all, ids_all, n_out)
+                n_out = (buf.n - keep) // self.batch_size * self.batch_size
+                yield from self._emit(buf, order[:n_out])
+                buf.keep(order[n_out:])
+        if buf is not None and buf.n:
+            order = torch.randperm(buf.n, generator=gen) if self.shuffle else torch.arange(buf.n)
+            n_out = buf.n // self.batch_size * self.batch_size if self.drop_last else buf.n
+            yield from self._emit(buf, order[:n_out])
 
     def __iter__(self) -> Iterator[Any]:
         # On resume, replay this rank's stream (it is deterministic for the seed) without yielding the
@@ -181,7 +259,7 @@ class ActivationDataModule(L.LightningDataModule):
     def __init__(self, shards: str | None = None, batch_size: int = 4096, buffer_tokens: int = 262_144,
                  val_shards: int = 1, val_batch_size: int | None = None, num_workers: int = 0, seed: int = 0,
                  d_in: int | None = None, normalize: bool = True, skip_corrupt: bool = False,
-                 lr_windows: int = 64, lr_batch_size: int = 16) -> None:
+                 lr_windows: int = 64, lr_batch_size: int = 16, drop_page_cache: bool = True) -> None:
         """
         Args:
             shards: the shard-set directory (``data.shards=<dir>``); set by the pipeline when null.
@@ -192,6 +270,8 @@ class ActivationDataModule(L.LightningDataModule):
             normalize: scale activations so their mean norm is √d_in (the manifest's scale, or estimated).
             skip_corrupt: skip truncated or corrupt shards with a warning instead of failing.
             lr_windows: held-out token windows for loss recovered (when the manifest names a transformer).
+            drop_page_cache: drop each shard's pages from the page cache as it is read (a shard set is read
+                once per pass and at scale is far larger than RAM); false keeps a small, re-read set cached.
         """
         super().__init__()
         self.save_hyperparameters(logger=False)
@@ -244,6 +324,7 @@ class ActivationDataModule(L.LightningDataModule):
                                                                     or self.hparams.batch_size),
                   buffer_tokens=self.hparams.buffer_tokens, scale=self.scale, seed=self.hparams.seed,
                   shuffle=train, infinite=train, drop_last=train, skip_corrupt=self.hparams.skip_corrupt,
+                  drop_page_cache=self.hparams.drop_page_cache,
                   shard_tokens={str(self.shards_dir / s["name"]): int(s["n_tokens"])
                                 for s in self.manifest["shards"]})
         kw.update(overrides)
