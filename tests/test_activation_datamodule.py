@@ -321,3 +321,22 @@ def test_streaming_leaves_the_shards_out_of_the_page_cache(tiny_shards: Path, tm
     kept = ActivationStream(urls, d_in=D_MLP, batch_size=32, infinite=False, drop_page_cache=False)
     sum(len(b) for b in kept)
     assert resident() > 0.9 * size  # the option keeps them
+
+
+@pytest.mark.parametrize("arr", [np.arange(12, dtype=np.float16).reshape(3, 4),
+                                 np.asfortranarray(np.arange(12.0).reshape(3, 4)),
+                                 np.array(5, dtype=np.int32), np.zeros((0, 3), np.float32)])
+def test_npy_decoding_reuses_headers_and_still_refuses_damage(arr: np.ndarray) -> None:
+    from monosemantic.data.shards import load_npy
+
+    data = npy(arr)
+    for _ in range(2):  # the second decode takes the header seen before
+        out = load_npy(data, "s")
+        assert out.dtype == arr.dtype and out.shape == arr.shape and out.flags.writeable
+        np.testing.assert_array_equal(out, arr)
+    with pytest.raises(ShardSetError, match="s: not a plain .npy array"):
+        load_npy(data[:-2], "s")
+    with pytest.raises(ShardSetError, match="not a plain .npy array"):
+        pickled = io.BytesIO()
+        np.save(pickled, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+        load_npy(pickled.getvalue(), "s")  # pickled objects: never

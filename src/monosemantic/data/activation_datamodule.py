@@ -113,7 +113,7 @@ class _RowBuffer:
             self._spare = torch.empty_like(self.acts)
             if self.ids is not None:
                 self.ids = torch.cat([self.ids[: self.n], self.ids.new_empty(grow - self.n)])
-        self.acts[self.n : self.n + r] = torch.from_numpy(acts)
+        self.acts[self.n : self.n + r].numpy()[:] = acts
         if self.ids is not None:
             self.ids[self.n : self.n + r] = ctx_id
         self.n += r
