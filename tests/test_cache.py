@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -219,6 +220,28 @@ def test_rerunning_a_finished_cache_is_a_no_op(tiny_shards: Path, transformer_ex
     assert time.perf_counter() - t0 < 1.0
     assert out == tiny_shards
     assert {p.name: p.stat().st_mtime_ns for p in tiny_shards.iterdir()} == before
+
+
+def test_an_out_dir_of_another_model_or_settings_is_refused(tiny_shards: Path, transformer_export: Path,
+                                                           tmp_path) -> None:
+    """An explicit out_dir holding another cache, whole or partial, is never reported as done or resumed into."""
+    other_seed = CacheSettings(**{**vars(TINY), "seed": 1})
+    with pytest.raises(ValueError, match=r"holds activations of another model or other settings \(seed: 0 there, 1"):
+        write_activation_cache(transformer_export, tiny_shards, other_seed, progress=False)
+    # the batch size changes speed, not contents: the finished set is found
+    assert write_activation_cache(transformer_export, tiny_shards, CacheSettings(**{**vars(TINY), "batch_size": 5}),
+                                  progress=False) == tiny_shards
+    partial = copy_tree_without_manifest(tiny_shards, tmp_path / "partial")
+    with pytest.raises(ValueError, match="tokens_per_context: 8 there, 4"):
+        write_activation_cache(transformer_export, partial, CacheSettings(**{**vars(TINY), "tokens_per_context": 4}),
+                               progress=False)
+    assert sorted(p.name for p in partial.glob("shard-*.tar")) == [shard_name(i) for i in range(6)]  # untouched
+
+
+def copy_tree_without_manifest(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    (dst / "manifest.json").unlink()
+    return dst
 
 
 # A real process, really killed: the child slows each context write down so the kill lands mid-run

@@ -41,6 +41,7 @@ from monosemantic.utils.hydra_utils import config_key
 from monosemantic.utils.io import write_json_atomic
 
 log = logging.getLogger(__name__)
+IDENTITY_FILE = "cache_identity.json"  # model + settings of the set in this directory
 
 
 @dataclass
@@ -54,15 +55,35 @@ class CacheSettings:
     seed: int = 0
 
 
-def cache_dir_for(model_dir: str | Path, settings: CacheSettings, root: str | Path) -> Path:
-    """Shard sets are keyed by the model's *weights* (not its folder name: two run exports are both called
-    ``export``) and by every setting that changes their contents."""
+def cache_identity(model_dir: str | Path, settings: CacheSettings) -> dict:
+    """What a shard set's contents depend on: the model's *weights* (not its folder name: two run exports are
+    both called ``export``) and every setting but the batch size (which changes speed, not contents)."""
     s = asdict(settings)
-    s.pop("batch_size")  # changes speed, not contents
+    s.pop("batch_size")
     weights = Path(model_dir) / "model.safetensors"
     if weights.is_file():
         s["model_sha256"] = hashlib.sha256(weights.read_bytes()).hexdigest()
-    return Path(root) / f"{Path(model_dir).name}-{config_key(s)}"
+    return s
+
+
+def cache_dir_for(model_dir: str | Path, settings: CacheSettings, root: str | Path) -> Path:
+    """The default directory of a shard set: keyed by :func:`cache_identity`."""
+    return Path(root) / f"{Path(model_dir).name}-{config_key(cache_identity(model_dir, settings))}"
+
+
+def _check_identity(out_dir: Path, identity: dict) -> None:
+    """An explicit ``out_dir`` that holds a set (whole or partial) written by another model or other settings
+    is refused, naming what differs: resuming into it would mix two caches."""
+    recorded_file = out_dir / IDENTITY_FILE
+    if not recorded_file.is_file():
+        return
+    recorded = json.loads(recorded_file.read_text())
+    diff = {k: (recorded.get(k), identity.get(k)) for k in sorted(set(recorded) | set(identity))
+            if recorded.get(k) != identity.get(k)}
+    if diff:
+        what = "; ".join(f"{k}: {a!r} there, {b!r} asked for" for k, (a, b) in diff.items())
+        raise ValueError(f"{out_dir} holds activations of another model or other settings ({what}). "
+                         "Choose another out_dir, or leave out_dir unset: the default directory is keyed by both.")
 
 
 def context_starts(n_tokens: int, n_ctx: int, n_contexts: int, seed: int) -> np.ndarray:
@@ -117,6 +138,8 @@ def write_activation_cache(model_dir: str | Path, out_dir: str | Path, settings:
     Up to ``max_pending`` batches wait for the writer thread, each in its own reusable buffer;
     ``direct_io`` writes the shards with ``O_DIRECT`` where the filesystem allows (see ``TarShardWriter``)."""
     out_dir, model_dir = Path(out_dir), Path(model_dir)
+    identity = cache_identity(model_dir, settings)
+    _check_identity(out_dir, identity)
     if (out_dir / "manifest.json").is_file():
         log.info("activation cache complete, nothing to do: %s", out_dir)
         return out_dir
@@ -131,6 +154,7 @@ def write_activation_cache(model_dir: str | Path, out_dir: str | Path, settings:
     if torch_dtype is None:
         raise ValueError(f"settings.dtype={settings.dtype!r}: the shard format allows float16 or float32")
     out_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out_dir / IDENTITY_FILE, identity)  # before any shard: a resumed run is checked against it
     for stale in out_dir.glob("*.tar.tmp"):  # a shard a killed run left half-written
         stale.unlink()
 
