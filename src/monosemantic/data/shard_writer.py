@@ -165,6 +165,7 @@ class TarShardWriter:
         tail = memoryview(bytes(2 * _BLOCK + (-(self._offset + 2 * _BLOCK)) % tarfile.RECORDSIZE))
         while tail:
             tail = tail[os.write(self._fd, tail):]
+        os.fdatasync(self._fd)  # on disk before it is renamed whole (and every page clean, so all can go)
         os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
         self.abandon()
 
