@@ -4,6 +4,7 @@ transformer export and a tiny activation cache — all built once per session un
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,18 @@ os.environ.pop("WANDB_API_KEY", None)
 TINY_CORPUS = {"kind": "python_stdlib", "max_bytes": 400_000}
 TINY_TOKENIZER = {"kind": "bpe", "vocab_size": 512}
 TINY_NET = {"n_ctx": 32, "d_model": 32, "n_heads": 2, "d_head": 16, "d_mlp": 64}
+
+
+@pytest.fixture
+def resident_bytes():
+    """``resident_bytes(path)``: how many of a file's bytes are in the page cache (util-linux ``fincore``)."""
+
+    def measure(path: str | Path) -> int:
+        out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+                             capture_output=True, text=True, check=True).stdout
+        return int(out.strip())
+
+    return measure
 
 
 @pytest.fixture(scope="session")

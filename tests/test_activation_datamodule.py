@@ -13,7 +13,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import tarfile
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -304,14 +303,16 @@ def test_contexts_of_any_length_stream_exactly_once(tmp_path: Path) -> None:
     np.testing.assert_array_equal(sorted_rows(got), sorted_rows(expected))
 
 
-def test_streaming_leaves_the_shards_out_of_the_page_cache(tiny_shards: Path, tmp_path: Path) -> None:
+def test_streaming_leaves_the_shards_out_of_the_page_cache(tiny_shards: Path, tmp_path: Path,
+                                                          resident_bytes) -> None:
     """A pass reads each shard once and drops its pages (a shard set at scale is far larger than RAM)."""
     shards = copy_set(tiny_shards, tmp_path / "set")  # copying leaves them cached …
     os.sync()  # … and written back (dirty pages cannot be dropped, only clean ones)
     urls = [str(shards / shard_name(i)) for i in range(5)]
-    resident = lambda: sum(int(subprocess.run(  # noqa: E731
-        ["fincore", "--bytes", "--noheadings", "--output", "RES", u], capture_output=True, text=True,
-        check=True).stdout) for u in urls)
+
+    def resident() -> int:
+        return sum(resident_bytes(u) for u in urls)
+
     size = sum(Path(u).stat().st_size for u in urls)
     assert resident() > 0.9 * size
     rows = sum(len(b) for b in ActivationStream(urls, d_in=D_MLP, batch_size=32, buffer_tokens=128,

@@ -297,15 +297,9 @@ def test_killed_cache_resumes_into_the_uninterrupted_set(tiny_shards: Path, tran
     assert read_manifest(out) == read_manifest(tiny_shards)
 
 
-def resident_bytes(path: Path) -> int:
-    """Bytes of ``path`` in the page cache (util-linux ``fincore``)."""
-    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
-                         capture_output=True, text=True, check=True).stdout
-    return int(out.strip())
-
-
 @pytest.mark.parametrize("direct", [True, False])
-def test_shard_writer_direct_and_buffered_write_the_same_bytes_and_leave_no_cache(tmp_path, direct) -> None:
+def test_shard_writer_direct_and_buffered_write_the_same_bytes_and_leave_no_cache(tmp_path, direct,
+                                                                                  resident_bytes) -> None:
     """O_DIRECT for page-aligned batches, the page cache (then dropped) otherwise; same bytes either way."""
     rng = np.random.default_rng(1)
     aligned = aligned_zeros((4, 4096))
