@@ -341,3 +341,14 @@ def test_npy_decoding_reuses_headers_and_still_refuses_damage(arr: np.ndarray) -
         pickled = io.BytesIO()
         np.save(pickled, np.array([{"a": 1}], dtype=object), allow_pickle=True)
         load_npy(pickled.getvalue(), "s")  # pickled objects: never
+
+
+def test_all_finite_agrees_with_isfinite() -> None:
+    from monosemantic.data.shards import all_finite
+
+    every_half = np.arange(2**16, dtype=np.uint32).astype(np.uint16).view(np.float16)  # all 65,536 bit patterns
+    finite = np.isfinite(every_half)
+    assert finite.sum() == 2**16 - 2 * 1024  # 2 signs × (inf + 1,023 NaN payloads) per exponent-all-ones
+    np.testing.assert_array_equal([all_finite(every_half[i : i + 1]) for i in range(2**16)], finite)
+    assert all_finite(np.zeros((0, 4), np.float16)) and all_finite(np.ones((3, 4), np.float32))
+    assert not all_finite(np.array([[1.0, np.inf]], np.float32))

@@ -106,6 +106,14 @@ def load_npy(data: bytes, what: str) -> np.ndarray:
     return arr
 
 
+def all_finite(arr: np.ndarray) -> bool:
+    """No NaN or inf. For float16 the exponent bits are tested as integers: numpy's ``isfinite`` has no fast
+    path for half floats (61 vs 4 µs for a 128 × 512 context, a sixth of the decoding)."""
+    if arr.dtype == np.float16:
+        return arr.size == 0 or int((arr.view(np.uint16) & 0x7C00).max()) != 0x7C00
+    return bool(np.isfinite(arr).all())
+
+
 def decode_context(sample: dict, d_in: int, extras: tuple[str, ...] = ("tokens", "positions", "context")
                    ) -> dict[str, np.ndarray]:
     """Decode one tar sample into arrays (``acts`` and those of ``extras`` present); checks shape and
@@ -117,7 +125,7 @@ def decode_context(sample: dict, d_in: int, extras: tuple[str, ...] = ("tokens",
     acts = out["acts"]
     if acts.ndim != 2 or acts.shape[1] != d_in:
         raise ShardSetError(f"{where}: acts has shape {acts.shape}, expected [n, {d_in}]")
-    if not np.isfinite(acts).all():
+    if not all_finite(acts):
         raise ShardSetError(f"{where}: acts contain NaN or inf")
     for name in extras:
         if f"{name}.npy" in sample:
