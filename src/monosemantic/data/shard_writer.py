@@ -10,8 +10,8 @@ activations are converted to float16 straight into their place in the tar stream
 the whole batch is written with one ``write`` call. Keys and checksums are patched in with array ops.
 
 Per 64-context batch of 128 × 512 float16 activations (8.4 MB) on the 2-core dev VM this costs ~0.1 ms
-of Python instead of ~7 ms with ``tarfile.addfile`` per member, and the bytes are identical to
-``tarfile``'s (a test holds them equal), so shards written before and after this module are the same.
+of Python instead of ~7 ms with ``tarfile.addfile`` per member, and the bytes are identical to what
+``tarfile`` writes for the same members (a test holds them equal).
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ class SampleBatch:
     """Up to ``capacity`` tar samples of ``members`` (name → (dtype, shape)), one per row of ``buf``.
 
     ``arrays[name]`` is a ``[capacity, *shape]`` view of where each sample's array lives in the tar
-    stream; fill it, call :meth:`set_keys`, and write ``view(n)`` (the first ``n`` samples)."""
+    stream; fill it, call :meth:`set_keys`, and write ``rows(n)`` (the first ``n`` samples)."""
 
     def __init__(self, capacity: int, members: dict[str, tuple[np.dtype, tuple[int, ...]]],
                  allocate=aligned_zeros) -> None:
