@@ -210,6 +210,10 @@ class ActivationStream(IterableDataset):
                 x.mul_(self.scale)
             yield (x, buf.ids.index_select(0, rows)) if buf.ids is not None else x
 
+    def _order(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        """The order the buffer's ``n`` rows leave in: shuffled for training, as read otherwise."""
+        return torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
+
     def _one_pass(self, pass_index: int) -> Iterator[Any]:
         rank, world, worker, n_workers = wds.utils.pytorch_worker_info()
         urls = list(self.urls)
@@ -225,14 +229,14 @@ class ActivationStream(IterableDataset):
                 buf = _RowBuffer(self.buffer_tokens + len(acts), acts.shape[1], acts.dtype, self.with_ids)
             buf.append(acts, ctx_id)
             if buf.n >= self.buffer_tokens:
-                order = torch.randperm(buf.n, generator=gen) if self.shuffle else torch.arange(buf.n)
+                order = self._order(buf.n, gen)
                 # emit all but half a buffer, which stays to mix with the next contexts
                 keep = self.buffer_tokens // 2 if self.shuffle else 0
                 n_out = (buf.n - keep) // self.batch_size * self.batch_size
                 yield from self._emit(buf, order[:n_out])
                 buf.keep(order[n_out:])
         if buf is not None and buf.n:
-            order = torch.randperm(buf.n, generator=gen) if self.shuffle else torch.arange(buf.n)
+            order = self._order(buf.n, gen)
             n_out = buf.n // self.batch_size * self.batch_size if self.drop_last else buf.n
             yield from self._emit(buf, order[:n_out])
 
