@@ -204,7 +204,7 @@ def write_activation_cache(model_dir: str | Path, out_dir: str | Path, settings:
                     slot = n_batches % max_pending
                     batch, n_batches = ring[slot], n_batches + 1
                     ring_acts[slot][:n].copy_(picked_BKM)  # float16 (or 32) straight into the tar stream
-                    del acts_BTM, picked_BKM  # the next forward reuses this memory (still in cache)
+                    del acts_BTM, picked_BKM  # freed before the next forward allocates its own
                     batch.arrays["context"][:n] = ctx_BT
                     batch.arrays["positions"][:n] = pos_BK
                     batch.arrays["tokens"][:n] = np.take_along_axis(ctx_BT, pos_BK, axis=1)

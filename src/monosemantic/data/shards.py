@@ -89,20 +89,19 @@ def load_npy(data: bytes, what: str) -> np.ndarray:
     so a header seen before is not parsed again (``np.load`` evaluates it as a Python literal each time: a
     third of the decoding cost): the data is read straight from the bytes after it. Anything else, or data
     of the wrong length, goes through ``np.load`` (and its error)."""
-    if data[:7] == _NPY_MAGIC and len(data) >= 10:
-        end = 10 + int.from_bytes(data[8:10], "little")
-        layout = _npy_layouts.get(data[:end])
-        if layout is not None:
-            dtype, shape, order = layout
-            if len(data) - end == dtype.itemsize * math.prod(shape):
-                return np.frombuffer(data, dtype=dtype, offset=end).reshape(shape, order=order).copy(order=order)
+    header = data[: 10 + int.from_bytes(data[8:10], "little")] if data[:7] == _NPY_MAGIC else None
+    layout = _npy_layouts.get(header) if header is not None else None
+    if layout is not None:
+        dtype, shape, order = layout
+        if len(data) - len(header) == dtype.itemsize * math.prod(shape):
+            return np.frombuffer(data, dtype=dtype, offset=len(header)).reshape(shape, order=order).copy(order=order)
     try:
         arr = np.load(io.BytesIO(data), allow_pickle=False)
     except Exception as e:  # numpy raises ValueError/EOFError/OSError for damaged arrays
         raise ShardSetError(f"{what}: not a plain .npy array ({e})") from e
-    if data[:7] == _NPY_MAGIC and len(_npy_layouts) < 256:
+    if header is not None and len(_npy_layouts) < 256:
         order = "F" if arr.flags.f_contiguous and not arr.flags.c_contiguous else "C"
-        _npy_layouts[data[: 10 + int.from_bytes(data[8:10], "little")]] = (arr.dtype, arr.shape, order)
+        _npy_layouts[header] = (arr.dtype, arr.shape, order)
     return arr
 
 
