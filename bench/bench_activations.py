@@ -31,9 +31,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from monosemantic.cache import CacheSettings, context_starts, write_activation_cache
+from monosemantic.activation_cache import CacheSettings, context_starts, write_activation_cache
 from monosemantic.data.activation_datamodule import ActivationDataModule
-from monosemantic.data.shards import read_manifest
+from monosemantic.data.shards.format import read_manifest
 from monosemantic.data.token_store import load_split
 from monosemantic.models.components.sae import SparseAutoencoder
 from monosemantic.models.transformer_module import load_transformer

@@ -8,14 +8,14 @@ os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parents[1]))
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from monosemantic.sae_pipeline import ensure_shards  # noqa: E402
+from monosemantic.stages import cache as cache_stage  # noqa: E402
 from monosemantic.utils.hydra_utils import apply_extras, task_wrapper  # noqa: E402
 
 
 @task_wrapper
 def cache(cfg: DictConfig) -> dict:
     apply_extras(cfg)
-    return {"shards": str(ensure_shards(cfg))}
+    return cache_stage.run(cfg)
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="cache_activations")

@@ -11,7 +11,7 @@ os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parents[1]))
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from monosemantic.pipeline import run_training  # noqa: E402
+from monosemantic.stages import run_training  # noqa: E402
 from monosemantic.utils.hydra_utils import apply_extras, metric_value, task_wrapper  # noqa: E402
 
 

@@ -79,7 +79,7 @@ def transformer_export(token_store, data_root) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_shards(transformer_export, data_root) -> Path:
-    from monosemantic.cache import CacheSettings, write_activation_cache
+    from monosemantic.activation_cache import CacheSettings, write_activation_cache
 
     settings = CacheSettings(n_contexts=96, tokens_per_context=8, contexts_per_shard=16, batch_size=16)
     return write_activation_cache(transformer_export, data_root / "activations" / "tiny", settings, progress=False)

@@ -10,10 +10,13 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import logging
 import math
 import os
+import re
 import shutil
 import tarfile
+import warnings
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -23,8 +26,9 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader
 
-from monosemantic.data.activation_datamodule import ActivationDataModule, ActivationStream
-from monosemantic.data.shards import FORMAT, ShardSetError, shard_name
+from monosemantic.data.activation_datamodule import ActivationDataModule
+from monosemantic.data.shards.format import FORMAT, ShardSetError, shard_name
+from monosemantic.data.shards.reader import ActivationStream
 
 TPC, D_MLP, N_TRAIN_CTX = 8, 64, 80
 
@@ -251,7 +255,7 @@ def test_shard_listed_but_missing(tiny_shards: Path, tmp_path: Path) -> None:
 # 512-byte blocks), where Python's tarfile sees a clean end of archive; the others cut inside a header
 # and inside an array.
 @pytest.mark.parametrize("cut", ["half", "mid_header", "mid_data"])
-def test_truncated_shard_is_named_or_skipped_and_counted(tiny_shards: Path, tmp_path: Path, cut: str) -> None:
+def test_truncated_shard_is_named_or_skipped_and_counted(tiny_shards: Path, tmp_path: Path, cut: str, caplog) -> None:
     d = copy_set(tiny_shards, tmp_path / "set")
     bad = d / shard_name(1)
     size = bad.stat().st_size
@@ -266,12 +270,30 @@ def test_truncated_shard_is_named_or_skipped_and_counted(tiny_shards: Path, tmp_
     dm = ActivationDataModule(shards=str(d), batch_size=32, buffer_tokens=128, skip_corrupt=True)
     dm.setup()
     stream = dm.stream("train", infinite=False, shuffle=False, with_ids=True, drop_last=False)
-    with pytest.warns(UserWarning, match=r"skipping: .*shard-000001.tar"):
+    # warnings ignored, as extras.ignore_warnings does: the skip must still be reported
+    with warnings.catch_warnings(), caplog.at_level(logging.WARNING, logger="monosemantic.data.shards.reader"):
+        warnings.simplefilter("ignore")
         ids = Counter(torch.cat([i for _, i in stream]).tolist())
-    assert stream.n_skipped == 1
+    assert [r for r in caplog.records if re.search(r"skipping: .*shard-000001.tar", r.getMessage())]
+    assert stream.n_skipped == 1 and dm.n_skipped == 1
     intact = [c for c in range(N_TRAIN_CTX) if not 16 <= c < 32]  # contexts of shards 0, 2, 3, 4
     assert all(ids[c] == TPC for c in intact)
     assert sum(ids[c] for c in range(16, 32)) < 16 * TPC  # the damaged shard gave less than a whole one
+
+
+def test_skipped_shards_are_counted_across_dataloader_workers(tiny_shards: Path, tmp_path: Path) -> None:
+    """Workers read copies of the stream: the datamodule's count still sees every skip (it goes to metrics.json)."""
+    d = copy_set(tiny_shards, tmp_path / "set")
+    for i in (0, 2):
+        with open(d / shard_name(i), "r+b") as f:
+            f.truncate(f.seek(0, 2) // 2 + 700)
+    dm = ActivationDataModule(shards=str(d), batch_size=32, buffer_tokens=128, skip_corrupt=True, num_workers=2)
+    dm.setup()
+    loader = torch.utils.data.DataLoader(dm.stream("train", infinite=False, drop_last=False), batch_size=None,
+                                         num_workers=2)
+    n_rows = sum(len(x) for x in loader)
+    assert dm.n_skipped == 2
+    assert n_rows < N_TRAIN_CTX * TPC
 
 
 def test_nan_activations_name_the_shard_and_sample(tmp_path: Path) -> None:
@@ -328,7 +350,7 @@ def test_streaming_leaves_the_shards_out_of_the_page_cache(tiny_shards: Path, tm
                                  np.asfortranarray(np.arange(12.0).reshape(3, 4)),
                                  np.array(5, dtype=np.int32), np.zeros((0, 3), np.float32)])
 def test_npy_decoding_reuses_headers_and_still_refuses_damage(arr: np.ndarray) -> None:
-    from monosemantic.data.shards import load_npy
+    from monosemantic.data.shards.format import load_npy
 
     data = npy(arr)
     for _ in range(2):  # the second decode takes the header seen before
@@ -344,7 +366,7 @@ def test_npy_decoding_reuses_headers_and_still_refuses_damage(arr: np.ndarray) -
 
 
 def test_all_finite_agrees_with_isfinite() -> None:
-    from monosemantic.data.shards import all_finite
+    from monosemantic.data.shards.format import all_finite
 
     every_half = np.arange(2**16, dtype=np.uint32).astype(np.uint16).view(np.float16)  # all 65,536 bit patterns
     finite = np.isfinite(every_half)

@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 import torch
 
-from monosemantic import cache as cache_mod
-from monosemantic.cache import (
+from monosemantic import activation_cache as cache_mod
+from monosemantic.activation_cache import (
     CacheSettings,
     cache_dir_for,
     context_starts,
@@ -31,8 +31,8 @@ from monosemantic.cache import (
     shard_positions,
     write_activation_cache,
 )
-from monosemantic.data.shard_writer import SampleBatch, TarShardWriter, aligned_zeros
-from monosemantic.data.shards import FORMAT, norm_scale, read_manifest, row_norms, shard_name
+from monosemantic.data.shards.format import FORMAT, norm_scale, read_manifest, row_norms, shard_name
+from monosemantic.data.shards.writer import SampleBatch, TarShardWriter, aligned_zeros
 from monosemantic.data.token_store import load_split
 from monosemantic.models.components.transformer import MLP_HOOK
 from monosemantic.models.transformer_module import load_transformer
@@ -248,8 +248,8 @@ def copy_tree_without_manifest(src: Path, dst: Path) -> Path:
 # (after two whole shards, while the third is a half-written ``.tar.tmp``).
 KILLED_CHILD = """
 import json, sys, time
-import monosemantic.cache as cache
-from monosemantic.cache import CacheSettings, write_activation_cache
+import monosemantic.activation_cache as cache
+from monosemantic.activation_cache import CacheSettings, write_activation_cache
 write = cache._write_batch
 def slow_write(sink, batch, n):  # 50 ms per context, so the kill lands mid-shard
     time.sleep(0.05 * n)
@@ -328,7 +328,7 @@ def test_shard_writer_direct_and_buffered_write_the_same_bytes_and_leave_no_cach
 def test_a_failed_write_never_completes_its_shard(tmp_path, monkeypatch) -> None:
     import errno
 
-    import monosemantic.data.shard_writer as sw
+    import monosemantic.data.shards.writer as sw
 
     def full_disk(fd, data):
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -7,8 +7,8 @@ import sys
 import pytest
 from conftest import ROOT, compose_cfg
 
-from monosemantic.eval_run import run_eval
-from monosemantic.pipeline import run_training
+from monosemantic.stages import run_training
+from monosemantic.stages.eval import run as run_eval
 
 
 @pytest.fixture(scope="module")

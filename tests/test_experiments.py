@@ -8,7 +8,7 @@ import pytest
 from conftest import CONFIGS, ROOT, TINY_NET, compose_cfg
 from omegaconf import open_dict
 
-from monosemantic.pipeline import run_training
+from monosemantic.stages import run_training
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
 
@@ -32,8 +32,13 @@ def test_experiment_fast_dev_run(experiment, token_store, tiny_shards, data_root
         assert json.loads((tmp_path / "export" / "config.json").read_text())["model"]["d_mlp"] == TINY_NET["d_mlp"]
     else:
         final = json.loads((tmp_path / "metrics.json").read_text())
-        for key in ("l0", "explained_variance", "loss_recovered", "dead_frac", "dense_frac", "ultralow_frac", "kl"):
+        for key in ("l0", "explained_variance", "loss_recovered", "dead_frac", "dense_frac", "kl", "train_dead_frac",
+                    "train_dense_frac", "train_density_window_tokens", "norm_scale", "l1_coeff_raw", "lr_windows"):
             assert key in final, key
+        # a few hundred held-out tokens cannot show a density below 1e-6: absent, not a structural 0
+        assert final["n_tokens"] < 1e6 and "ultralow_frac" not in final
+        assert final["l1_coeff_raw"] == pytest.approx(final["l1_coeff"] / final["norm_scale"])
+        assert final["n_skipped_shards"] == 0 and 0 < final["lr_windows"] <= 512  # scale.sae.final_eval_lr_windows
         cfg_json = json.loads((tmp_path / "export" / "cfg.json").read_text())
         assert cfg_json["d_sae"] == int(experiment.split("_")[1]) and cfg_json["d_in"] == TINY_NET["d_mlp"]
 
@@ -85,12 +90,21 @@ def test_sae_run_builds_every_missing_stage_then_reuses_them(data_root, tmp_path
                                          "data.tokenizer.vocab_size=512", "logger=csv", *net]
         run_training(cfg)
         runs.append(json.loads((tmp_path / f"run{i}" / "metrics.json").read_text()))
-    assert len(list((data / "tokens").iterdir())) == 1
-    assert len(list((data / "models").iterdir())) == 1
-    [shards] = list((data / "activations").iterdir())
+    def artifacts(kind):  # the hidden .locks folder beside them is the artifact store's
+        return [p for p in (data / kind).iterdir() if not p.name.startswith(".")]
+
+    assert len(artifacts("tokens")) == 1
+    assert len(artifacts("models")) == 1
+    [shards] = artifacts("activations")
     assert (shards / "manifest.json").is_file() and runs[0]["shards"] == str(shards)
     # the scale.* overrides reached the upstream stages
     assert json.loads((shards / "manifest.json").read_text())["n_tokens"] == 96 * 8
-    t0, t1 = runs[0]["timings_s"], runs[1]["timings_s"]
-    assert t0["tokenize + transformer"] > t1["tokenize + transformer"] and t1["cache activations"] < 1.0
+    # built or reused, as the artifact store saw it (not guessed from timing)
+    assert [(r["stage"], r["status"]) for r in runs[0]["stages"]] == [
+        ("token store", "built"), ("transformer", "built"), ("activation cache", "built")]
+    assert [(r["stage"], r["status"]) for r in runs[1]["stages"]] == [
+        ("transformer", "reused"), ("activation cache", "reused")]
+    assert runs[1]["stages"][1]["path"] == str(shards)
+    # the upstream stage logged inside the run that built it, with that run's logger (logger=csv)
+    assert (tmp_path / "run0" / "upstream" / "transformer_1l" / "csv" / "metrics.csv").is_file()
     assert runs[0]["l0"] == pytest.approx(runs[1]["l0"])  # same data, same seed: the same SAE

@@ -16,7 +16,7 @@ from conftest import compose_cfg
 
 from monosemantic.data.synthetic import random_directions, write_synthetic_shards
 from monosemantic.export import load_sae
-from monosemantic.pipeline import run_training
+from monosemantic.stages import run_training
 
 
 @pytest.mark.slow

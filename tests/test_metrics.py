@@ -6,18 +6,17 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
+from monosemantic.evaluation import splice_losses
 from monosemantic.metrics import (
     L0,
     ExplainedVariance,
     FeatureDensity,
     LossRecovered,
     ReconstructionMSE,
-    density_histogram_figure,
-    save_density_histogram,
-    splice_losses,
 )
 from monosemantic.models.components import hooks
 from monosemantic.models.components.transformer import Transformer
+from monosemantic.plots import density_histogram_figure, save_density_histogram
 
 X = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
 X_HAT = torch.tensor([[1.0, 1.0], [3.0, 5.0], [7.0, 6.0]])
@@ -94,7 +93,8 @@ def test_feature_density_fractions() -> None:
     out = m.compute()
     assert out["dead_frac"].item() == pytest.approx(5 / 10)
     assert out["dense_frac"].item() == pytest.approx(3 / 10)
-    assert out["ultralow_frac"].item() == 0.0
+    # 200 tokens cannot show a density below 1e-6 (one firing is 5e-3): the fraction is absent, not 0
+    assert "ultralow_frac" not in out and out["n_tokens"].item() == 200
     expected = torch.tensor([0.0, math.log10(0.5), math.log10(0.005), math.log10(0.01), math.log10(0.015)]
                             + [-10.0] * 5, dtype=torch.float64)
     torch.testing.assert_close(out["log10_density"], expected)
@@ -109,6 +109,10 @@ def test_feature_density_ultralow_needs_a_million_tokens() -> None:
     assert out["ultralow_frac"].item() == pytest.approx(1 / 3)  # density 5e-7
     assert out["dead_frac"].item() == pytest.approx(1 / 3)
     assert out["dense_frac"].item() == 0.0
+    m.reset()
+    m.fire_counts += torch.tensor([1.0, 0.0, 5000.0], dtype=torch.float64)
+    m.n_tokens += 1_000_000  # exactly a million: one firing is density 1e-6, not below it
+    assert "ultralow_frac" not in m.compute()
 
 
 def test_feature_density_rejects_wrong_width() -> None:
@@ -138,6 +142,14 @@ def test_loss_recovered_hand_value() -> None:
     assert out["loss_recovered"].item() == pytest.approx((6 - 3) / (6 - 2))
     with pytest.raises(ValueError, match="ablation"):
         LossRecovered(ablation="resample")
+
+
+def test_loss_recovered_on_no_tokens_is_absent_not_nan() -> None:
+    """A transformer that loads but no token window: nothing to compute, and no 0/0 NaN to log or optimise."""
+    m = LossRecovered()
+    assert m.compute() == {}
+    m.update(ce_clean=0.0, ce_sae=0.0, ce_ablated=0.0, kl=0.0, n_tokens=0)
+    assert m.compute() == {}
 
 
 @pytest.fixture

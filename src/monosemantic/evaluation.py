@@ -1,4 +1,10 @@
-"""Every SAE metric of DESIGN §3 in one container, used by validation and by ``src/eval.py``."""
+"""Evaluating an SAE (DESIGN §3): the splice that measures loss recovered, every metric in one container
+(:class:`SAEMetrics`, used by validation during training and by ``src/eval.py``), and :func:`evaluate`.
+
+This sits above ``models/`` (it runs the transformer with the SAE spliced in) and below the stages; the
+LightningModule receives its :class:`SAEMetrics` from the config (``model.metrics``), so ``models/``
+imports nothing from here.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,7 @@ import time
 from collections.abc import Callable, Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from monosemantic.metrics import (
@@ -14,14 +21,47 @@ from monosemantic.metrics import (
     FeatureDensity,
     LossRecovered,
     ReconstructionMSE,
-    splice_losses,
+    density_summary,
 )
 from monosemantic.models.components import hooks
+from monosemantic.models.components.transformer import HookFn, Transformer
 
 
 def raw_reconstruction(sae: nn.Module, acts: torch.Tensor, scale: float) -> torch.Tensor:
     """The reconstruction of *raw* activations by an SAE that works on ``scale``-normalised ones."""
     return sae(acts.float() * scale).x_hat / scale
+
+
+def _next_token_logprobs(logits_BTV: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities ``[B*(T-1), V]`` at positions 0..T-2 (those with a next token), in float32+."""
+    logits = logits_BTV[:, :-1].reshape(-1, logits_BTV.shape[-1])
+    return F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+
+
+@torch.no_grad()
+def splice_losses(model: Transformer, tokens_BT: torch.Tensor,
+                  reconstruct: Callable[[torch.Tensor], torch.Tensor],
+                  ablation_hook_fn: HookFn) -> tuple[float, float, float, float, int]:
+    """Next-token losses with the MLP activations clean, replaced by ``reconstruct``, and ablated.
+
+    ``reconstruct`` maps raw activations ``[B, T, d_mlp]`` to the SAE's reconstruction (same shape);
+    ``ablation_hook_fn`` is e.g. ``hooks.zero_ablate()`` or ``hooks.mean_ablate(mean_M)``.
+    Positions 0..T-2 predict tokens 1..T-1. Returns sums over those ``n = B·(T−1)`` positions:
+    ``(ce_clean, ce_sae, ce_ablated, kl, n)`` with ``kl`` = Σ KL(p_clean ‖ p_sae), ready for
+    :meth:`LossRecovered.update`. The model's train/eval mode is left as the caller set it.
+    """
+    if tokens_BT.ndim != 2 or tokens_BT.shape[1] < 2:
+        raise ValueError(f"need tokens [B, T] with T ≥ 2, got shape {tuple(tokens_BT.shape)}")
+    targets_N = tokens_BT[:, 1:].reshape(-1)
+    logp_clean = _next_token_logprobs(model(tokens_BT))
+    logp_sae = _next_token_logprobs(model.forward_with_mlp_hook(tokens_BT, hooks.replace_with(reconstruct)))
+    logp_abl = _next_token_logprobs(model.forward_with_mlp_hook(tokens_BT, ablation_hook_fn))
+
+    def ce_sum(logp_NV: torch.Tensor) -> float:
+        return float(F.nll_loss(logp_NV, targets_N, reduction="sum"))
+
+    kl_sum = float(F.kl_div(logp_sae, logp_clean, reduction="sum", log_target=True))
+    return ce_sum(logp_clean), ce_sum(logp_sae), ce_sum(logp_abl), kl_sum, int(targets_N.numel())
 
 
 class SAEMetrics(nn.Module):
@@ -39,6 +79,9 @@ class SAEMetrics(nn.Module):
         self.l0 = L0(**kw)
         self.density = FeatureDensity(d_sae, **kw)
         self.loss_recovered = LossRecovered(ablation, **kw)
+
+    # the same fractions over counts kept elsewhere (the training window's, already summed over ranks)
+    summarize_density = staticmethod(density_summary)
 
     @torch.no_grad()
     def update_acts(self, x_BM: torch.Tensor, x_hat_BM: torch.Tensor, feats_BF: torch.Tensor) -> None:
@@ -58,16 +101,15 @@ class SAEMetrics(nn.Module):
             ablate = hooks.zero_ablate()
         self.loss_recovered.update(*splice_losses(transformer, tokens_BT, reconstruct, ablate))
 
-    def compute_and_reset(self, with_tokens: bool) -> dict[str, torch.Tensor]:
-        """Compute and reset. Every rank must call this with the same ``with_tokens`` (under DDP the metrics
-        all-gather in ``compute``, so it runs on a rank that saw no batch too: its states are zeros)."""
-        density = self.density.compute()
+    def compute_and_reset(self) -> dict[str, torch.Tensor]:
+        """Compute and reset. Under DDP the metrics all-gather in ``compute``, so every rank calls this (a
+        rank that saw no batch contributes zeros). Loss recovered and its CE values are present only when
+        some rank spliced token windows; ``ultralow_frac`` only on more than a million tokens."""
         out = {"mse": self.mse.compute(), "explained_variance": self.explained_variance.compute(),
-               "l0": self.l0.compute(), **{k: density[k] for k in ("dead_frac", "dense_frac", "ultralow_frac",
-                                                                    "log10_density")},
-               "n_tokens": self.density.n_tokens.clone()}
-        if with_tokens:
-            out.update(self.loss_recovered.compute())
+               "l0": self.l0.compute(), **self.density.compute()}
+        lr = self.loss_recovered.compute()
+        if lr:
+            out.update(lr, lr_tokens=self.loss_recovered.n_tokens.clone())
         for m in (self.mse, self.explained_variance, self.l0, self.density, self.loss_recovered):
             m.reset()
         return out
@@ -76,11 +118,11 @@ class SAEMetrics(nn.Module):
 @torch.no_grad()
 def evaluate(sae: nn.Module, acts_batches: Iterable[torch.Tensor], token_batches: Iterable[torch.Tensor] | None,
              transformer: nn.Module | None, scale: float = 1.0, ablation: str = "zero",
-             mean_acts_M: torch.Tensor | None = None, device: str = "cpu") -> dict[str, float | list]:
+             mean_acts_M: torch.Tensor | None = None, device: str | torch.device = "cpu") -> dict[str, float | list]:
     """All metrics for ``sae`` on held-out data, in this process alone (no cross-rank sync).
 
     ``acts_batches`` are activations already multiplied by ``scale`` (the SAE's input space); token windows
-    go through ``transformer`` with raw activations."""
+    go through ``transformer`` with raw activations. MSE is reported on raw activations."""
     start = time.time()
     d_in, d_sae = sae.W_enc.shape
     m = SAEMetrics(d_in, d_sae, ablation, sync=False).to(device)
@@ -91,10 +133,9 @@ def evaluate(sae: nn.Module, acts_batches: Iterable[torch.Tensor], token_batches
         m.update_acts(x, out.x_hat, out.feats)
     if transformer is not None and token_batches is not None:
         transformer = transformer.to(device).eval()
-
         for tokens in token_batches:
             m.update_tokens(transformer, tokens.to(device), lambda a: raw_reconstruction(sae, a, scale), mean_acts_M)
-    result = m.compute_and_reset(with_tokens=transformer is not None and token_batches is not None)
+    result = m.compute_and_reset()
     result["mse"] = result["mse"] / scale**2  # raw-activation units whatever space the SAE works in
     out: dict[str, float | list] = {k: (v.tolist() if v.ndim else float(v)) for k, v in result.items()}
     out["eval_seconds"] = round(time.time() - start, 2)

@@ -15,9 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from monosemantic.models.components.sae import SparseAutoencoder
-from monosemantic.utils.io import write_json_atomic
+from monosemantic.utils.io import atomic_dir, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -88,33 +85,15 @@ def export_sae(sae: SparseAutoencoder, out_dir: str | Path, norm_scale: float, h
     metadata = {"activation_norm_scale_folded": float(norm_scale), **(extra_metadata or {})}
     cfg = sae_lens_cfg(sae.d_in, sae.d_sae, hook_name, context_size, metadata)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp_dir:
         save_file(tensors, str(tmp_dir / WEIGHTS_FILE))
         if log10_density is not None:
             sparsity = log10_density.detach().to(device="cpu", dtype=torch.float32).contiguous().clone()
             save_file({"sparsity": sparsity}, str(tmp_dir / SPARSITY_FILE))
         write_json_atomic(tmp_dir / CFG_FILE, cfg)
-        _replace_dir(tmp_dir, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
     log.info("exported SAE (d_in=%d, d_sae=%d, norm scale %.6g folded) to %s",
              sae.d_in, sae.d_sae, norm_scale, out_dir)
     return out_dir
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move the complete folder ``src`` to ``dst``. An existing ``dst`` is first renamed aside and then
-    removed, so at every moment ``dst`` is either the old complete folder, absent, or the new one."""
-    if not dst.exists():
-        os.replace(src, dst)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".old", dir=dst.parent))
-    os.replace(dst, old / dst.name)
-    os.replace(src, dst)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def load_sae(path: str | Path) -> tuple[SparseAutoencoder, dict[str, Any]]:

@@ -5,23 +5,15 @@ concatenated data, and every ratio is formed once in ``compute()``: averaging pe
 weight batches wrongly and, for explained variance, use the wrong mean. float64 because these sums run
 over millions of tokens.
 
-Reading order: reconstruction (MSE, explained variance) → sparsity (L0, feature density + histogram)
-→ downstream loss (loss recovered, and the splice that measures it).
+Reading order: reconstruction (MSE, explained variance) → sparsity (L0, feature density) → downstream
+loss (loss recovered). The splice that produces loss recovered's inputs, and the container of all of them,
+are in :mod:`monosemantic.evaluation`; the density histogram in :mod:`monosemantic.plots`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from pathlib import Path
-
 import torch
-import torch.nn.functional as F
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from torchmetrics import Metric
-
-from monosemantic.models.components import hooks
-from monosemantic.models.components.transformer import HookFn, Transformer
 
 _f64 = torch.float64
 
@@ -110,14 +102,32 @@ class L0(_SumMetric):
         return self.n_active / self.n_tokens
 
 
-class FeatureDensity(_SumMetric):
-    """Per-feature firing counts over the tokens seen since the last reset.
+def density_summary(fire_counts_F: torch.Tensor, n_tokens: float | torch.Tensor) -> dict[str, torch.Tensor]:
+    """Fractions of features by firing density over ``n_tokens`` tokens, from per-feature counts ``[d_sae]``.
 
-    ``compute()`` returns ``dead_frac`` (fired on none of these tokens), ``dense_frac`` (density > 1e-2),
-    ``ultralow_frac`` (0 < density < 1e-6: the paper's ultralow cluster, counted apart from the dead
-    features; it can only be non-zero on more than a million tokens) and ``log10_density`` ``[d_sae]``
-    (``log10(max(density, 1e-10))``, for the paper's bimodal histogram).
+    ``dead_frac`` (fired on none of them), ``dense_frac`` (density > 1e-2), ``log10_density`` ``[d_sae]``
+    (``log10(max(density, 1e-10))``, for the paper's bimodal histogram) and ``n_tokens``; ``ultralow_frac``
+    (0 < density < 1e-6: the paper's ultralow cluster, counted apart from the dead features) only when
+    the window can show it: a feature that fires once in ``n`` tokens has density ``1/n``, so on a million
+    tokens or fewer the fraction would be 0 by construction, a number that says nothing.
     """
+    fire_counts_F = fire_counts_F.to(_f64)
+    n = torch.as_tensor(n_tokens, dtype=_f64, device=fire_counts_F.device)
+    density_F = fire_counts_F / n.clamp_min(1)
+    out = {
+        "dead_frac": (fire_counts_F == 0).to(_f64).mean(),
+        "dense_frac": (density_F > DENSE_THRESHOLD).to(_f64).mean(),
+        "log10_density": density_F.clamp_min(10.0**LOG10_FLOOR).log10(),
+        "n_tokens": n,
+    }
+    if float(n) * ULTRALOW_THRESHOLD > 1:
+        out["ultralow_frac"] = ((density_F > 0) & (density_F < ULTRALOW_THRESHOLD)).to(_f64).mean()
+    return out
+
+
+class FeatureDensity(_SumMetric):
+    """Per-feature firing counts over the tokens seen since the last reset; ``compute()`` is
+    :func:`density_summary` of them."""
 
     def __init__(self, d_sae: int, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -140,38 +150,7 @@ class FeatureDensity(_SumMetric):
         self.n_tokens += n_tokens
 
     def compute(self) -> dict[str, torch.Tensor]:
-        density_F = self.fire_counts / self.n_tokens
-        return {
-            "dead_frac": (density_F == 0).to(_f64).mean(),
-            "dense_frac": (density_F > DENSE_THRESHOLD).to(_f64).mean(),
-            "ultralow_frac": ((density_F > 0) & (density_F < ULTRALOW_THRESHOLD)).to(_f64).mean(),
-            "log10_density": density_F.clamp_min(10.0**LOG10_FLOOR).log10(),
-        }
-
-
-def density_histogram_figure(log10_density: torch.Tensor, title: str = "feature density") -> Figure:
-    """Histogram of log10 feature density, bins from -10 to 0 (never-fired features sit at -10).
-
-    Built on an Agg canvas without pyplot, so it works headless and leaks no global figure state.
-    """
-    fig = Figure(figsize=(6, 3.5), tight_layout=True)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    values = log10_density.detach().to(torch.float64).cpu().numpy()
-    ax.hist(values, bins=50, range=(LOG10_FLOOR, 0.0), color="tab:blue")
-    ax.set_xlabel("log10 feature density")
-    ax.set_ylabel("features")
-    ax.set_title(title)
-    return fig
-
-
-def save_density_histogram(log10_density: torch.Tensor, path: str | Path,
-                           title: str = "feature density") -> Path:
-    """Write the density histogram as a PNG; returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    density_histogram_figure(log10_density, title).savefig(path, format="png", dpi=100)
-    return path
+        return density_summary(self.fire_counts, self.n_tokens)
 
 
 class LossRecovered(_SumMetric):
@@ -179,7 +158,9 @@ class LossRecovered(_SumMetric):
 
     ``(CE_ablated − CE_sae) / (CE_ablated − CE_clean)``: 1 when splicing in the reconstruction costs
     nothing, 0 when it is as bad as ablating the MLP. ``update`` takes per-token *sums* (see
-    :func:`splice_losses`); ``ablation`` ("zero" or "mean") only labels which baseline was used.
+    :func:`monosemantic.evaluation.splice_losses`); ``ablation`` ("zero" or "mean") only labels which
+    baseline was used. ``compute()`` on no tokens returns ``{}``: loss recovered is then absent (the
+    caller says why), never a 0/0 NaN.
     """
 
     higher_is_better = True
@@ -201,6 +182,8 @@ class LossRecovered(_SumMetric):
         self.n_tokens += n_tokens
 
     def compute(self) -> dict[str, torch.Tensor]:
+        if float(self.n_tokens) == 0:
+            return {}
         ce_clean, ce_sae = self.ce_clean / self.n_tokens, self.ce_sae / self.n_tokens
         ce_ablated = self.ce_ablated / self.n_tokens
         return {
@@ -210,35 +193,3 @@ class LossRecovered(_SumMetric):
             "kl": self.kl / self.n_tokens,
             "loss_recovered": (ce_ablated - ce_sae) / (ce_ablated - ce_clean),
         }
-
-
-def _next_token_logprobs(logits_BTV: torch.Tensor) -> torch.Tensor:
-    """Log-probabilities ``[B*(T-1), V]`` at positions 0..T-2 (those with a next token), in float32+."""
-    logits = logits_BTV[:, :-1].reshape(-1, logits_BTV.shape[-1])
-    return F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
-
-
-@torch.no_grad()
-def splice_losses(model: Transformer, tokens_BT: torch.Tensor,
-                  reconstruct: Callable[[torch.Tensor], torch.Tensor],
-                  ablation_hook_fn: HookFn) -> tuple[float, float, float, float, int]:
-    """Next-token losses with the MLP activations clean, replaced by ``reconstruct``, and ablated.
-
-    ``reconstruct`` maps raw activations ``[B, T, d_mlp]`` to the SAE's reconstruction (same shape);
-    ``ablation_hook_fn`` is e.g. ``hooks.zero_ablate()`` or ``hooks.mean_ablate(mean_M)``.
-    Positions 0..T-2 predict tokens 1..T-1. Returns sums over those ``n = B·(T−1)`` positions:
-    ``(ce_clean, ce_sae, ce_ablated, kl, n)`` with ``kl`` = Σ KL(p_clean ‖ p_sae), ready for
-    :meth:`LossRecovered.update`. The model's train/eval mode is left as the caller set it.
-    """
-    if tokens_BT.ndim != 2 or tokens_BT.shape[1] < 2:
-        raise ValueError(f"need tokens [B, T] with T ≥ 2, got shape {tuple(tokens_BT.shape)}")
-    targets_N = tokens_BT[:, 1:].reshape(-1)
-    logp_clean = _next_token_logprobs(model(tokens_BT))
-    logp_sae = _next_token_logprobs(model.forward_with_mlp_hook(tokens_BT, hooks.replace_with(reconstruct)))
-    logp_abl = _next_token_logprobs(model.forward_with_mlp_hook(tokens_BT, ablation_hook_fn))
-
-    def ce_sum(logp_NV: torch.Tensor) -> float:
-        return float(F.nll_loss(logp_NV, targets_N, reduction="sum"))
-
-    kl_sum = float(F.kl_div(logp_sae, logp_clean, reduction="sum", log_target=True))
-    return ce_sum(logp_clean), ce_sum(logp_sae), ce_sum(logp_abl), kl_sum, int(targets_N.numel())

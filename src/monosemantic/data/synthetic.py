@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from monosemantic.data.shards import FORMAT, VERSION, shard_name
+from monosemantic.data.shards.format import FORMAT, VERSION, shard_name
 from monosemantic.utils.io import write_json_atomic
 
 

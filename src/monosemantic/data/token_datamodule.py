@@ -1,15 +1,17 @@
-"""``TokenDataModule``: random ``n_ctx`` windows of the token store for training, fixed held-out ones for val."""
+"""``TokenDataModule``: random ``n_ctx`` windows of the token store for training (fresh ones each epoch),
+fixed held-out ones for validation."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from monosemantic.data.corpus import CorpusConfig
 from monosemantic.data.token_store import build_token_store, load_split, read_meta
@@ -32,10 +34,51 @@ class TokenWindows(Dataset):
         return torch.from_numpy(self.tokens[s : s + self.n_ctx + 1].astype(np.int64))
 
 
-def random_starts(n_tokens: int, n_ctx: int, n_windows: int, seed: int) -> np.ndarray:
+class SlidingWindows(Dataset):
+    """Every window of ``n_ctx + 1`` tokens: item ``i`` starts at token ``i`` (a sampler picks which)."""
+
+    def __init__(self, tokens: np.ndarray, n_ctx: int) -> None:
+        if len(tokens) < n_ctx + 1:
+            raise ValueError(f"{len(tokens)} tokens cannot hold one window of n_ctx={n_ctx}")
+        self.tokens, self.n_ctx = tokens, n_ctx
+
+    def __len__(self) -> int:
+        return len(self.tokens) - self.n_ctx
+
+    def __getitem__(self, start: int) -> torch.Tensor:
+        return torch.from_numpy(self.tokens[start : start + self.n_ctx + 1].astype(np.int64))
+
+
+def random_starts(n_tokens: int, n_ctx: int, n_windows: int, seed: int, epoch: int = 0) -> np.ndarray:
+    """``n_windows`` random window starts, a pure function of (seed, epoch): epoch 0 draws from ``seed``
+    alone (the draw every run made before windows were refreshed per epoch), later epochs from both."""
     if n_tokens < n_ctx + 1:
         raise ValueError(f"{n_tokens} tokens cannot hold one window of n_ctx={n_ctx}")
-    return np.random.default_rng(seed).integers(0, n_tokens - n_ctx, size=n_windows)
+    rng = np.random.default_rng(seed if epoch == 0 else [seed, epoch])
+    return rng.integers(0, n_tokens - n_ctx, size=n_windows)
+
+
+class RandomWindowSampler(Sampler[int]):
+    """Draws ``n_windows`` fresh random starts into a :class:`SlidingWindows` at every epoch.
+
+    The epoch is read when iteration starts (``epoch_fn``, e.g. the trainer's current epoch) or set with
+    :meth:`set_epoch`; every rank draws the same starts, and under DDP Lightning's sampler wrapper then
+    gives each rank its share of them."""
+
+    def __init__(self, n_tokens: int, n_ctx: int, n_windows: int, seed: int,
+                 epoch_fn: Callable[[], int] | None = None) -> None:
+        self.n_tokens, self.n_ctx, self.n_windows, self.seed = n_tokens, n_ctx, n_windows, seed
+        self.epoch_fn, self.epoch = epoch_fn, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n_windows
+
+    def __iter__(self) -> Iterator[int]:
+        epoch = self.epoch_fn() if self.epoch_fn is not None else self.epoch
+        return iter(random_starts(self.n_tokens, self.n_ctx, self.n_windows, self.seed, epoch).tolist())
 
 
 def tiled_starts(n_tokens: int, n_ctx: int, max_windows: int | None = None) -> np.ndarray:
@@ -56,7 +99,7 @@ class TokenDataModule(L.LightningDataModule):
             tokenizer: :class:`TokenizerConfig` fields (kind, vocab_size, ...).
             n_ctx: context length of each window.
             val_fraction: share of documents held out for validation.
-            train_windows: random windows per epoch (default: train tokens // n_ctx).
+            train_windows: random windows per epoch, drawn afresh each epoch (default: train tokens // n_ctx).
             val_windows: held-out windows evaluated (tiled from the start of val.bin); None for all.
             store_dir: use this existing token store instead of building one from corpus + tokenizer.
         """
@@ -66,7 +109,8 @@ class TokenDataModule(L.LightningDataModule):
         self.tok_cfg = TokenizerConfig(**(tokenizer or {}))
         self.store_dir: Path | None = Path(store_dir) if store_dir else None
         self.meta: dict[str, Any] = {}
-        self.train_set: TokenWindows | None = None
+        self.train_set: SlidingWindows | None = None
+        self.train_sampler: RandomWindowSampler | None = None
         self.val_set: TokenWindows | None = None
 
     def prepare_data(self) -> None:
@@ -96,20 +140,25 @@ class TokenDataModule(L.LightningDataModule):
         n_ctx, seed = self.hparams.n_ctx, self.hparams.seed
         train, val = load_split(self.store_dir, "train"), load_split(self.store_dir, "val")
         n_train = self.hparams.train_windows or max(1, len(train) // n_ctx)
-        self.train_set = TokenWindows(train, random_starts(len(train), n_ctx, n_train, seed), n_ctx)
+        self.train_set = SlidingWindows(train, n_ctx)
+        self.train_sampler = RandomWindowSampler(len(train), n_ctx, n_train, seed, epoch_fn=self._current_epoch)
         self.val_set = TokenWindows(val, tiled_starts(len(val), n_ctx, self.hparams.val_windows), n_ctx)
         if len(self.val_set) == 0:
             raise ValueError(f"{self.store_dir}/val.bin has too few tokens for one window of n_ctx={n_ctx}")
 
-    def _loader(self, ds: Dataset) -> DataLoader:
-        # shuffle=False: the train windows are already random (seeded), so order is reproducible;
-        # under DDP Lightning's DistributedSampler splits the indices between ranks.
-        return DataLoader(ds, batch_size=self.hparams.batch_size, shuffle=False,
+    def _current_epoch(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        return int(trainer.current_epoch) if trainer is not None else self.train_sampler.epoch
+
+    def _loader(self, ds: Dataset, sampler: Sampler | None = None) -> DataLoader:
+        # no shuffle: the train windows are already random (seeded per epoch), so the order is reproducible;
+        # under DDP Lightning wraps the sampler and splits its starts between ranks
+        return DataLoader(ds, batch_size=self.hparams.batch_size, shuffle=False, sampler=sampler,
                           num_workers=self.hparams.num_workers, drop_last=False,
                           persistent_workers=self.hparams.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set)
+        return self._loader(self.train_set, self.train_sampler)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set)

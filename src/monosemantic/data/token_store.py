@@ -56,13 +56,26 @@ def load_split(store_dir: str | Path, split: str) -> np.ndarray:
     return arr
 
 
+def store_dir_for(corpus_cfg: CorpusConfig, tok_cfg: TokenizerConfig, data_dir: str | Path,
+                  val_fraction: float = 0.02) -> Path:
+    """Where the token store of this corpus and tokenizer is (or will be) built, keyed by what makes it."""
+    data_dir = Path(data_dir)
+    return data_dir / "tokens" / store_key(Corpus(corpus_cfg, data_dir / "corpus"), tok_cfg, val_fraction)
+
+
+def is_complete(store_dir: str | Path) -> bool:
+    """A store is complete once its ``meta.json`` exists (the folder is renamed into place whole)."""
+    return (Path(store_dir) / "meta.json").is_file()
+
+
 def build_token_store(corpus_cfg: CorpusConfig, tok_cfg: TokenizerConfig, data_dir: str | Path,
                       val_fraction: float = 0.02, encode_batch: int = 64) -> Path:
-    """Build (or find) the token store for this corpus and tokenizer; returns its directory."""
+    """Build (or find) the token store for this corpus and tokenizer; returns its directory. The pipeline
+    calls this under the artifact store's lock (``stages/artifacts.py``), so concurrent jobs build it once."""
     data_dir = Path(data_dir)
     corpus = Corpus(corpus_cfg, data_dir / "corpus")
     out = data_dir / "tokens" / store_key(corpus, tok_cfg, val_fraction)
-    if (out / "meta.json").is_file():
+    if is_complete(out):
         log.info("token store found: %s", out)
         return out
     if not 0 < val_fraction < 0.5:

@@ -7,25 +7,31 @@
 - ``tokens_since_fired`` (a buffer, so it is checkpointed) counts, per feature, the tokens seen on *all*
   ranks since it last fired: per-step fire counts are summed across ranks, so every rank makes the same
   dead-feature decision (for :class:`~monosemantic.callbacks.resampler.NeuronResampler`).
+- Units: the SAE trains on normalised activations ``s·x`` (mean norm √d_in), so ``train/loss`` and
+  ``train/l1`` are in that space; every MSE that is logged (``train/mse``, ``val/mse``) is on *raw*
+  activations, and the normalised one is ``train/mse_normalized``. The λ that acts on raw activations is
+  λ/s (the loss is s²·(MSE_raw + (λ/s)·Σf_raw)); the stage records it beside λ.
+- Feature density over a training window: the per-feature firing counts (summed over ranks) since the last
+  validation, a buffer, so the window survives a resume and is large enough to show ultralow features.
 - Validation: MSE, explained variance, L0 and density on held-out shards; loss recovered (the SAE's
   reconstruction spliced into the frozen transformer) on held-out token windows, when the shard set
-  names its transformer.
+  names its transformer. The metric definitions come from the config (``metrics``: a partial of
+  :class:`monosemantic.evaluation.SAEMetrics`), so this module imports nothing above ``models/``; the
+  density histograms are drawn by :class:`monosemantic.callbacks.density_plots.DensityPlots`.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 
-from monosemantic.evaluation import SAEMetrics, raw_reconstruction
-from monosemantic.metrics import FeatureDensity, density_histogram_figure, save_density_histogram
 from monosemantic.models.components.sae import SparseAutoencoder
 from monosemantic.models.components.sparse_step import sparse_forward
 
@@ -37,7 +43,8 @@ class SAEModule(L.LightningModule):
                  d_in: int | None = None, l1_reduction: str = "sum_features_mean_tokens",
                  l1_warmup_steps: int = 0, dead_window_tokens: int = 10_000_000, b_dec_init: str = "geometric_median",
                  b_dec_init_tokens: int = 16_384, ablation: str = "zero", lr_decay_start: float = 1.0,
-                 tied_init: bool = True, sparse_step: bool = True, sparse_max_density: float = 0.05) -> None:
+                 tied_init: bool = True, sparse_step: bool = True, sparse_max_density: float = 0.05,
+                 metrics: Callable[..., nn.Module] | None = None) -> None:
         """
         Args:
             d_sae: dictionary size (A/1: 4,096).
@@ -54,33 +61,45 @@ class SAEModule(L.LightningModule):
             sparse_step: train with the sparsity-aware forward/backward (same math, ~4× fewer FLOPs; see
                 :mod:`.components.sparse_step`) whenever the last step's L0 was below
                 ``sparse_max_density · d_sae``; otherwise (early training) the dense path.
+            metrics: builds the validation metrics, ``metrics(d_in=, d_sae=, ablation=)`` (a partial of
+                :class:`monosemantic.evaluation.SAEMetrics`); None: validation computes nothing.
         """
         super().__init__()
         if d_in is None:
             raise ValueError("model.d_in is not set: it comes from the shard set's manifest (data.shards)")
         if l1_reduction != "sum_features_mean_tokens":
             raise ValueError(f"model.l1_reduction={l1_reduction!r}: only 'sum_features_mean_tokens' is implemented")
-        self.save_hyperparameters(logger=False, ignore=["optimizer"])  # checkpoints stay weights_only-loadable
+        self.save_hyperparameters(logger=False, ignore=["optimizer", "metrics"])  # weights_only-loadable
         self.optimizer_factory = optimizer
         self.sae = SparseAutoencoder(d_in, d_sae, tied_init)
         self.register_buffer("tokens_since_fired", torch.zeros(d_sae, dtype=torch.int64))
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.int64))
-        self.val_metrics = SAEMetrics(d_in, d_sae, ablation)
-        self.train_density = FeatureDensity(d_sae)
+        self.val_metrics = metrics(d_in=d_in, d_sae=d_sae, ablation=ablation) if metrics is not None else None
+        # firing counts over all ranks in the current density window (reset at each validation) and the last
+        # completed window: measured over millions of tokens, where a held-out shard has ~10^5
+        self.register_buffer("window_fires", torch.zeros(d_sae, dtype=torch.int64))
+        self.register_buffer("window_tokens", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("last_window_fires", torch.zeros(d_sae, dtype=torch.int64))
+        self.register_buffer("last_window_tokens", torch.zeros((), dtype=torch.int64))
         self.register_buffer("norm_scale_buf", torch.ones(()))  # checkpointed: eval needs the scale
         # the last step's L0 picks the dense or sparse path; a buffer, so a resumed run picks as the original
         # did (Adam turns tiny float differences in near-zero gradients into whole-lr steps)
         self.register_buffer("last_l0", torch.tensor(float(d_sae)))  # start dense: ~half the features fire
         self._frozen: list[Any] = []  # [transformer], kept out of the module tree and the checkpoint
         self._mean_acts: torch.Tensor | None = None
+        self.lr_skip_reason: str | None = None  # why loss recovered cannot be measured, when it cannot
+        self.last_log10_density: dict[str, torch.Tensor] = {}  # per split, for the density plots
+        self._lr_warned = False
 
     # -- data-dependent setup -------------------------------------------------------------------------
     def attach_data(self, norm_scale: float, transformer: torch.nn.Module | None,
-                    mean_acts_M: torch.Tensor | None = None) -> None:
-        """Give the module what the data defines: the normalisation scale and the frozen transformer."""
+                    mean_acts_M: torch.Tensor | None = None, lr_skip_reason: str | None = None) -> None:
+        """Give the module what the data defines: the normalisation scale, the frozen transformer, and
+        (when loss recovered cannot be measured) the reason, which validation logs once."""
         self.norm_scale_buf.fill_(float(norm_scale))
         self._frozen = [transformer.requires_grad_(False).eval()] if transformer is not None else []
         self._mean_acts = mean_acts_M
+        self.lr_skip_reason = lr_skip_reason
 
     @property
     def norm_scale(self) -> float:
@@ -124,10 +143,9 @@ class SAEModule(L.LightningModule):
             l0 = float(fires_F.sum()) / B
             self.last_l0.fill_(l0)
             self._count_firing(fires_F, B)
-            self.train_density.update(fires=fires_F, n_tokens=B)
-            self.log_dict({"train/loss": loss, "train/mse": mse, "train/l1": l1, "train/l0": l0,
-                           "train/dead_frac": self.dead_frac(), "train/l1_coeff": self.l1_coeff_now()},
-                          on_step=True, on_epoch=False, prog_bar=False)
+            self.log_dict({"train/loss": loss, "train/mse": mse / self.norm_scale**2, "train/mse_normalized": mse,
+                           "train/l1": l1, "train/l0": l0, "train/dead_frac": self.dead_frac(),
+                           "train/l1_coeff": self.l1_coeff_now()}, on_step=True, on_epoch=False, prog_bar=False)
             self.log("train/tokens", self.tokens_seen.float(), on_step=True, on_epoch=False)
         return loss
 
@@ -140,6 +158,8 @@ class SAEModule(L.LightningModule):
         self.tokens_since_fired += n
         self.tokens_since_fired[fires_F > 0] = 0
         self.tokens_seen += n
+        self.window_fires += fires_F
+        self.window_tokens += n
 
     def dead_frac(self) -> torch.Tensor:
         """Fraction of features silent for the last ``dead_window_tokens`` tokens (all ranks)."""
@@ -166,9 +186,11 @@ class SAEModule(L.LightningModule):
     # -- validation -----------------------------------------------------------------------------------
     def reconstruct_raw(self, acts_BTM: torch.Tensor) -> torch.Tensor:
         """The SAE's reconstruction of *raw* activations (normalise in, un-normalise out)."""
-        return raw_reconstruction(self.sae, acts_BTM, self.norm_scale)
+        return self.sae(acts_BTM.float() * self.norm_scale).x_hat / self.norm_scale
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self.val_metrics is None:
+            return
         if dataloader_idx == 0:
             out = self.sae(batch)
             self.val_metrics.update_acts(batch, out.x_hat, out.feats)
@@ -177,26 +199,29 @@ class SAEModule(L.LightningModule):
             self.val_metrics.update_tokens(net, batch, self.reconstruct_raw, self._mean_acts)
 
     def on_validation_epoch_end(self) -> None:
-        metrics = self.val_metrics.compute_and_reset(with_tokens=self.transformer is not None)
-        log10_density = metrics.pop("log10_density")
-        metrics["mse"] = metrics["mse"] / self.norm_scale**2  # reported on raw activations, like eval and export
-        self.log_dict({f"val/{k}": v for k, v in metrics.items()}, sync_dist=False)
-        train = self.train_density.compute()
-        self.train_density.reset()
-        self.log_dict({f"train/{k}": train[k] for k in ("dense_frac", "ultralow_frac")})
-        self._log_histogram(log10_density, "val")
-        self._log_histogram(train["log10_density"], "train")  # many more tokens: the paper's bimodal view
-
-    def _log_histogram(self, log10_density: torch.Tensor, split: str) -> None:
-        if self.trainer.sanity_checking or not self.trainer.is_global_zero:
+        if self.val_metrics is None:
             return
-        out = Path(self.trainer.default_root_dir) / "plots"
-        save_density_histogram(log10_density, out / f"{split}_density_step{self.global_step:07d}.png",
-                               title=f"{split} feature density, step {self.global_step}")
-        for lg in self.loggers:
-            if type(lg).__name__ == "WandbLogger":
-                import wandb
+        metrics = self.val_metrics.compute_and_reset()
+        density = {"val": metrics.pop("log10_density")}
+        metrics["mse"] = metrics["mse"] / self.norm_scale**2  # reported on raw activations, like eval and export
+        if "loss_recovered" not in metrics and not self._lr_warned and self.trainer.is_global_zero:
+            log.warning("val/loss_recovered not logged: %s", self.lr_skip_reason or "no held-out token windows")
+            self._lr_warned = True
+        self.log_dict({f"val/{k}": v for k, v in metrics.items()}, sync_dist=False)
+        if not self.trainer.sanity_checking and int(self.window_tokens) > 0:
+            window = self.val_metrics.summarize_density(self.window_fires, self.window_tokens)
+            density["train"] = window.pop("log10_density")
+            # dead over this window is train/dead_frac's job (its own window, dead_window_tokens)
+            self.log_dict({"train/density_window_tokens": window["n_tokens"],
+                           **{f"train/{k}": window[k] for k in ("dense_frac", "ultralow_frac") if k in window}})
+            self.last_window_fires.copy_(self.window_fires)
+            self.last_window_tokens.copy_(self.window_tokens)
+            self.window_fires.zero_()
+            self.window_tokens.zero_()
+        self.last_log10_density = density
 
-                fig = density_histogram_figure(log10_density, f"{split} feature density")
-                lg.experiment.log({f"{split}/feature_density": wandb.Image(fig),
-                                   "trainer/global_step": self.global_step})
+    def density_window(self) -> tuple[torch.Tensor, int]:
+        """The longer of the current and the last completed training density window: (fire counts, tokens)."""
+        if int(self.window_tokens) >= int(self.last_window_tokens):
+            return self.window_fires.clone(), int(self.window_tokens)
+        return self.last_window_fires.clone(), int(self.last_window_tokens)

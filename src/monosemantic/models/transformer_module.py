@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torchmetrics import MeanMetric
 
 from monosemantic.models.components.transformer import Transformer
+from monosemantic.utils.io import atomic_dir
 
 EXPORT_FORMAT = "monosemantic.transformer"
 EXPORT_VERSION = 1
@@ -56,6 +55,7 @@ class TransformerModule(L.LightningModule):
         self.net = net
         self.train_loss = MeanMetric()
         self.val_loss = MeanMetric()
+        self.validated_at_step: int | None = None  # the step of the last validation (None: never)
 
     def forward(self, tokens_BT: torch.Tensor) -> torch.Tensor:
         return self.net(tokens_BT)
@@ -74,14 +74,27 @@ class TransformerModule(L.LightningModule):
         self.val_loss.update(self._loss(batch), weight=batch.shape[0])
         self.log("val/loss", self.val_loss, on_step=False, on_epoch=True, prog_bar=True)
 
+    def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking:
+            self.validated_at_step = self.global_step
+
     def test_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         self.validation_step(batch, batch_idx)
 
-    def configure_optimizers(self):
-        decay = [p for n, p in self.net.named_parameters() if p.dim() >= 2 and "embed" not in n]
-        no_decay = [p for n, p in self.net.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
+    def param_groups(self) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+        """(decayed, not decayed), chosen by parameter identity: the matrices of the linear layers (the
+        unembedding among them) decay; the token and position embeddings, biases and LayerNorm weights do
+        not (GPT-2 practice). A tied unembedding *is* the token embedding, so it is not decayed."""
+        embeddings = {id(self.net.embed.weight), id(self.net.pos_embed.weight)}
+        params = list(self.net.parameters())  # each parameter once, also when tied
         if self.hparams.weight_decay_embeddings:
-            decay, no_decay = decay + no_decay, []
+            return params, []
+        decay = [p for p in params if p.dim() >= 2 and id(p) not in embeddings]
+        decay_ids = {id(p) for p in decay}
+        return decay, [p for p in params if id(p) not in decay_ids]
+
+    def configure_optimizers(self):
+        decay, no_decay = self.param_groups()
         groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
         opt = self.optimizer_factory(params=groups)
         total = int(self.trainer.estimated_stepping_batches)
@@ -92,23 +105,20 @@ class TransformerModule(L.LightningModule):
 
 def export_transformer(net: Transformer, out_dir: str | Path, tokenizer_path: str | Path | None,
                        info: dict | None = None) -> Path:
-    """Write ``config.json`` + ``model.safetensors`` (+ ``tokenizer.json``) into ``out_dir``, atomically."""
+    """Write ``config.json`` + ``model.safetensors`` (+ ``tokenizer.json``) into ``out_dir``, atomically: a
+    reader (or a concurrent writer) sees the old folder or the new one whole, never a half-deleted one."""
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     if net.cfg.tied_unembed:
         state.pop("unembed.weight", None)
-    save_file(state, str(tmp / "model.safetensors"))
-    if tokenizer_path is not None:
-        shutil.copy(tokenizer_path, tmp / "tokenizer.json")
     config = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "model": net.cfg.to_dict(),
               "hook": "blocks.0.mlp.hook_post", "tokenizer": "tokenizer.json" if tokenizer_path else None,
               **(info or {})}
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.rename(tmp, out_dir)
+    with atomic_dir(out_dir) as tmp:
+        save_file(state, str(tmp / "model.safetensors"))
+        if tokenizer_path is not None:
+            shutil.copy(tokenizer_path, tmp / "tokenizer.json")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
     return out_dir
 
 
@@ -126,7 +136,10 @@ def load_transformer(path: str | Path, device: str | torch.device = "cpu") -> tu
                          f"{EXPORT_FORMAT!r} v{EXPORT_VERSION}")
     net = Transformer(**config["model"])
     missing, unexpected = net.load_state_dict(load_file(str(weights), device="cpu"), strict=False)
-    if unexpected or [k for k in missing if k != "unembed.weight"]:
-        raise ValueError(f"{weights}: missing {missing}, unexpected {unexpected}")
+    # a tied model has no unembed tensor (it is the embedding); anything else missing would load random weights
+    if missing or unexpected:
+        what = "; ".join(s for s in (f"missing tensor(s) {missing}" if missing else "",
+                                     f"unexpected tensor(s) {unexpected}" if unexpected else "") if s)
+        raise ValueError(f"{weights}: {what} for the model described in {cfg_path}")
     net.requires_grad_(False)
     return net.eval().to(device), config

@@ -5,12 +5,13 @@ order with no repeats (paper: "250 tokens sampled per context, shuffled across c
 From each context ``tokens_per_context`` distinct positions are sampled (seeded per shard), so the
 output is a pure function of the settings: a killed run that resumes writes exactly what an
 uninterrupted one would have. Shards are written as ``*.tar.tmp`` and renamed when whole; the manifest
-is written last. Normalisation: the scale that makes the mean activation norm √d_in is estimated from
-the first shard and stored in the manifest, so SAE training is scale-free.
+is written last. Normalisation: the scale that makes the mean activation norm √d_in is measured on the
+first shard and stored in the manifest, so SAE training is scale-free. The stage that calls this
+(``stages/cache.py``) holds a lock on ``out_dir``, so two jobs never write one set at once.
 
-Speed (see ``data/shard_writer.py``): each batch's activations are converted straight into a reusable
+Speed (see ``data/shards/writer.py``): each batch's activations are converted straight into a reusable
 buffer already laid out as tar samples, and one writer thread writes it (``O_DIRECT``) while the next
-forward runs. On the 2-core dev CPU caching runs at ~0.85× a bare forward to the MLP; on a GPU it is
+forward runs. On the 2-core dev CPU caching runs at ~0.8× a bare forward to the MLP; on a GPU it is
 bound by the host's write speed (1 KB per float16 activation).
 """
 
@@ -32,8 +33,8 @@ import torch
 import webdataset as wds
 from tqdm.auto import tqdm
 
-from monosemantic.data.shard_writer import SampleBatch, TarShardWriter, aligned_zeros
-from monosemantic.data.shards import FORMAT, VERSION, decode_context, row_norms, scale_from_norms, shard_name
+from monosemantic.data.shards.format import FORMAT, VERSION, decode_context, row_norms, scale_from_norms, shard_name
+from monosemantic.data.shards.writer import SampleBatch, TarShardWriter, aligned_zeros
 from monosemantic.data.token_store import load_split
 from monosemantic.models.components.transformer import MLP_HOOK
 from monosemantic.models.transformer_module import load_transformer
@@ -71,9 +72,13 @@ def cache_dir_for(model_dir: str | Path, settings: CacheSettings, root: str | Pa
     return Path(root) / f"{Path(model_dir).name}-{config_key(cache_identity(model_dir, settings))}"
 
 
-def _check_identity(out_dir: Path, identity: dict) -> None:
+def check_identity(out_dir: str | Path, model_dir: str | Path, settings: CacheSettings) -> None:
     """An explicit ``out_dir`` that holds a set (whole or partial) written by another model or other settings
-    is refused, naming what differs: resuming into it would mix two caches."""
+    is refused, naming what differs: reusing or resuming into it would mix two caches."""
+    _check_identity(Path(out_dir), cache_identity(model_dir, settings))
+
+
+def _check_identity(out_dir: Path, identity: dict) -> None:
     recorded_file = out_dir / IDENTITY_FILE
     if not recorded_file.is_file():
         return
@@ -136,7 +141,9 @@ def write_activation_cache(model_dir: str | Path, out_dir: str | Path, settings:
     """Write (or finish, or find) the shard set for this model and these settings; returns ``out_dir``.
 
     Up to ``max_pending`` batches wait for the writer thread, each in its own reusable buffer;
-    ``direct_io`` writes the shards with ``O_DIRECT`` where the filesystem allows (see ``TarShardWriter``)."""
+    ``direct_io`` writes the shards with ``O_DIRECT`` where the filesystem allows (see ``TarShardWriter``).
+    One writer per ``out_dir`` at a time: it removes the ``*.tar.tmp`` a killed run left, so the pipeline calls
+    it under the artifact store's lock (``stages/artifacts.py``), which concurrent jobs share."""
     out_dir, model_dir = Path(out_dir), Path(model_dir)
     identity = cache_identity(model_dir, settings)
     _check_identity(out_dir, identity)

@@ -17,7 +17,6 @@ of Python instead of ~7 ms with ``tarfile.addfile`` per member, and the bytes ar
 from __future__ import annotations
 
 import errno
-import fcntl
 import io
 import mmap
 import os
@@ -25,6 +24,8 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+
+from monosemantic.data.shards import pagecache
 
 DIRECT_ALIGN = 4096  # memory, length and offset alignment for O_DIRECT writes (a page)
 KEY_DIGITS = 9  # sample keys are zero-padded context ids: up to 10⁹ contexts per cache
@@ -117,7 +118,7 @@ class TarShardWriter:
     def __init__(self, path: str | Path, direct: bool = True) -> None:
         self.path = Path(path)
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-        self.direct = direct and hasattr(os, "O_DIRECT")
+        self.direct = direct and pagecache.HAS_O_DIRECT
         try:
             self._fd = os.open(path, flags | (os.O_DIRECT if self.direct else 0), 0o644)
         except OSError:  # e.g. a filesystem without O_DIRECT
@@ -128,7 +129,7 @@ class TarShardWriter:
     def _buffered(self) -> None:
         """Leave O_DIRECT for the rest of this file."""
         if self.direct:
-            fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+            pagecache.clear_direct(self._fd)
             self.direct = False
 
     def write(self, data: np.ndarray) -> None:
@@ -154,7 +155,7 @@ class TarShardWriter:
                 continue
             view, self._offset = view[n:], self._offset + n
         if not self.direct:  # start the write-back, drop the pages already written back
-            os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            pagecache.drop(self._fd)
 
     def close(self) -> None:
         """The end-of-archive marker (two zero blocks) and padding to tarfile's 10 KiB record size."""
@@ -165,8 +166,8 @@ class TarShardWriter:
         tail = memoryview(bytes(2 * _BLOCK + (-(self._offset + 2 * _BLOCK)) % tarfile.RECORDSIZE))
         while tail:
             tail = tail[os.write(self._fd, tail):]
-        os.fdatasync(self._fd)  # on disk before it is renamed whole (and every page clean, so all can go)
-        os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        pagecache.datasync(self._fd)  # on disk before it is renamed whole (and every page clean, so all can go)
+        pagecache.drop(self._fd)
         self.abandon()
 
     def abandon(self) -> None:

@@ -1,0 +1,123 @@
+"""The SAE stage (the main job): train an SAE on a shard set, evaluate it on held-out data, export it.
+
+``run(cfg)`` is ``python src/train.py experiment=sae_4096``. With ``data.shards=null`` it first gets the
+shard set its scale implies (``stages/cache.py``, which gets the transformer), passing on this run's trainer,
+logger and seed. It writes ``<run>/metrics.json`` (held-out metrics, the training window's densities, the
+normalisation scale, λ on normalised and raw activations, skipped shards, the stages built or reused) and
+``<run>/export/`` (SAELens layout), and prints a summary.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from omegaconf import DictConfig, open_dict
+
+from monosemantic.evaluation import evaluate
+from monosemantic.export import export_sae
+from monosemantic.metrics import density_summary
+from monosemantic.models.transformer_module import load_transformer
+from monosemantic.plots import save_density_histogram
+from monosemantic.stages import artifacts
+from monosemantic.stages import cache as cache_stage
+from monosemantic.stages.compose import build_trainer
+from monosemantic.stages.summary import print_summary
+from monosemantic.utils.hydra_utils import log_hyperparameters
+from monosemantic.utils.io import write_json_atomic
+
+log = logging.getLogger(__name__)
+
+
+def frozen_transformer(dm, device: str | torch.device = "cpu") -> tuple[torch.nn.Module | None, str | None]:
+    """The transformer a shard set names, and why loss recovered cannot be measured when it cannot."""
+    ckpt = (dm.manifest.get("model") or {}).get("checkpoint")
+    if not ckpt or not Path(ckpt, "model.safetensors").is_file():
+        return None, f"shard set {dm.shards_dir} names no loadable transformer ({ckpt!r})"
+    transformer, _ = load_transformer(ckpt, device)
+    if dm.lr_windows() is None:
+        return transformer, (f"no held-out token windows: the token store {dm.manifest.get('token_store')!r} is "
+                             f"missing or data.lr_windows={dm.hparams.lr_windows}")
+    return transformer, None
+
+
+def run(cfg: DictConfig) -> dict:
+    timings: dict[str, float] = {}
+    ledger: artifacts.Ledger = []
+    t0 = time.time()
+    if cfg.data.shards is None:
+        with open_dict(cfg):
+            cfg.data.shards = str(cache_stage.for_sae_run(cfg, ledger))
+        timings["upstream stages"] = time.time() - t0
+    t0 = time.time()
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+    dm = hydra.utils.instantiate(cfg.data)
+    dm.setup("fit")
+    with open_dict(cfg):
+        cfg.model.d_in = dm.d_in
+    model = hydra.utils.instantiate(cfg.model)
+    transformer, lr_skip = frozen_transformer(dm)
+    if lr_skip:
+        log.warning("loss recovered is not measured: %s", lr_skip)
+    mean_acts = None
+    if cfg.model.ablation == "mean":
+        mean_acts = dm.sample_activations(65_536, seed=1).mean(0) / dm.scale
+    model.attach_data(dm.scale, transformer, mean_acts, lr_skip)
+
+    trainer, loggers = build_trainer(cfg)
+    log_hyperparameters(cfg, loggers, {"data/norm_scale": dm.scale, "data/n_tokens": dm.manifest["n_tokens"],
+                                       "model/l1_coeff_raw": cfg.model.l1_coeff / dm.scale})
+    trainer.fit(model, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+    timings["train SAE"] = time.time() - t0
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    if not trainer.is_global_zero:
+        return metrics
+
+    t0 = time.time()
+    out = Path(cfg.paths.output_dir)
+    device = trainer.strategy.root_device
+    sae = model.sae.float()
+    n_lr_windows = cfg.get("final_eval_lr_windows")
+    final = evaluate(sae, dm.stream("val", batch_size=8192, split_nodes=False),
+                     dm.lr_loader(n_lr_windows) if lr_skip is None else None, transformer, dm.scale,
+                     cfg.model.ablation, mean_acts, device)
+    sae = sae.cpu()
+    log10_density = torch.tensor(final.pop("log10_density"))
+    save_density_histogram(log10_density, out / "plots" / "final_density.png", title="held-out feature density")
+    window_fires, window_tokens = model.density_window()
+    window = density_summary(window_fires, window_tokens)
+    save_density_histogram(window["log10_density"], out / "plots" / "final_train_window_density.png",
+                           title=f"training-window feature density ({window_tokens:,} tokens)")
+    lr_windows = len(dm.lr_windows(n_lr_windows) or []) if lr_skip is None else 0
+    export_dir = export_sae(
+        sae, out / "export", dm.scale, dm.manifest.get("hook", "blocks.0.mlp.hook_post"),
+        int(dm.manifest.get("n_ctx") or 0),
+        extra_metadata={"l1_coeff": cfg.model.l1_coeff, "l1_reduction": cfg.model.l1_reduction,
+                        "l1_coeff_raw": cfg.model.l1_coeff / dm.scale,
+                        "dataset_path": str(dm.shards_dir), "val_shards": int(cfg.data.val_shards),
+                        "final_eval_lr_windows": lr_windows, "training_tokens": int(model.tokens_seen)},
+        log10_density=log10_density)
+    timings["eval + export"] = time.time() - t0
+    final.update({
+        "l1_coeff": cfg.model.l1_coeff, "l1_reduction": cfg.model.l1_reduction,
+        # the loss is s²·(MSE_raw + (λ/s)·Σ f_raw): λ/s is the coefficient that acts on raw activations
+        "norm_scale": dm.scale, "l1_coeff_raw": cfg.model.l1_coeff / dm.scale,
+        "d_sae": cfg.model.d_sae, "training_tokens": int(model.tokens_seen),
+        "train_dead_frac": float(model.dead_frac()), "dead_window_tokens": int(cfg.model.dead_window_tokens),
+        "train_density_window_tokens": int(window_tokens), "train_dense_frac": float(window["dense_frac"]),
+        **({"train_ultralow_frac": float(window["ultralow_frac"])} if "ultralow_frac" in window else {}),
+        "lr_windows": lr_windows, "n_skipped_shards": dm.n_skipped,
+        "stages": [r.as_dict() for r in ledger],
+        "timings_s": {k: round(v, 1) for k, v in timings.items()},
+        "export": str(export_dir), "shards": str(dm.shards_dir)})
+    if lr_skip:
+        final["loss_recovered_skipped"] = lr_skip
+    write_json_atomic(out / "metrics.json", final)
+    print_summary(final, ledger, timings, export_dir, out / "metrics.json")
+    metrics.update({f"final/{k}": v for k, v in final.items() if isinstance(v, float | int)})
+    return metrics

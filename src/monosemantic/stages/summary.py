@@ -1,0 +1,63 @@
+"""The end-of-run summary: held-out metrics, then each stage the run needed and whether it was built or reused
+(from the artifact store's ledger, not from timing)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from monosemantic.stages.artifacts import Record
+
+ROWS = [("L0", "l0", "{:.2f}"), ("explained variance", "explained_variance", "{:.4f}"),
+        ("loss recovered", "loss_recovered", "{:.4f}"), ("CE clean / SAE / ablated", None, None),
+        ("KL(clean‖SAE)", "kl", "{:.4f}"), ("MSE (raw activations)", "mse", "{:.5f}"),
+        ("dead (held-out)", "dead_frac", "{:.2%}"), ("dense > 1e-2 (held-out)", "dense_frac", "{:.2%}"),
+        ("ultralow < 1e-6 (held-out)", "ultralow_frac", "{:.2%}"),
+        ("dead (training, last dead window)", "train_dead_frac", "{:.2%}"),
+        ("dense > 1e-2 (training window)", "train_dense_frac", "{:.2%}"),
+        ("ultralow < 1e-6 (training window)", "train_ultralow_frac", "{:.2%}"),
+        ("held-out tokens", "n_tokens", "{:,.0f}"), ("loss-recovered tokens", "lr_tokens", "{:,.0f}"),
+        ("training density window (tokens)", "train_density_window_tokens", "{:,}"),
+        ("training tokens", "training_tokens", "{:,}")]
+
+
+def _ledger_rows(table: Table, ledger: list[Record]) -> None:
+    for r in ledger:
+        how = f"built in {r.seconds:.0f} s" if r.status == "built" else (
+            f"reused (waited {r.waited_s:.0f} s for another job's build)" if r.waited_s else "reused")
+        table.add_row(f"{r.stage}", how)
+
+
+def print_ledger(ledger: list[Record]) -> None:
+    table = Table(title="stages", show_header=True)
+    table.add_column("stage")
+    table.add_column("built or reused", justify="right")
+    _ledger_rows(table, ledger)
+    console = Console()
+    console.print(table)
+    for r in ledger:
+        console.print(f"{r.stage}: {r.path}")
+
+
+def print_summary(metrics: dict, ledger: list[Record], timings: dict[str, float], export_dir: Path,
+                  metrics_path: Path) -> None:
+    table = Table(title="SAE — held-out metrics", show_header=True)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for label, key, fmt in ROWS:
+        if key is None:
+            if "ce_clean" in metrics:
+                table.add_row(label, f"{metrics['ce_clean']:.4f} / {metrics['ce_sae']:.4f} / "
+                                     f"{metrics['ce_ablated']:.4f}")
+        elif key in metrics:
+            table.add_row(label, fmt.format(metrics[key]))
+    if "loss_recovered_skipped" in metrics:
+        table.add_row("loss recovered", f"not measured: {metrics['loss_recovered_skipped']}")
+    _ledger_rows(table, ledger)
+    for stage, seconds in timings.items():
+        table.add_row(f"time: {stage}", f"{seconds:.0f} s")
+    console = Console()
+    console.print(table)
+    console.print(f"export:  {export_dir}\nmetrics: {metrics_path}")
