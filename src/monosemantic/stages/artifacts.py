@@ -11,6 +11,8 @@ and a changed config builds a new one. :func:`ensure` is the one way a stage get
   name and rename whole, ``utils.io.atomic_dir``);
 - a build that runs on several ranks (the transformer under DDP): rank 0 takes the lock and the other ranks
   of the same job join the build without it (they cannot wait on rank 0, which waits for them to start).
+  A single-process build (token store, cache) in a DDP job is done by whichever rank takes the lock first;
+  the others wait for it like any other process.
 
 Each call adds a :class:`Record` to the run's ledger, which the summary prints and ``metrics.json`` keeps:
 "built" or "reused" comes from the store, never from how long a stage took.
@@ -45,7 +47,7 @@ class Record:
     path: str
     status: str  # "built" | "reused"
     seconds: float
-    waited_s: float = 0.0  # time spent waiting for another job's build (then "reused")
+    waited_s: float = 0.0  # time spent waiting for another process's build (then "reused")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -90,12 +92,13 @@ def ensure(stage: str, path: str | Path, is_complete: Callable[[Path], bool], bu
         try:
             lock.acquire(timeout=0)
         except Timeout:
-            log.info("%s: waiting for %s (another job is building %s)", stage, lock.lock_file, path)
+            log.info("%s: waiting for %s (another process is building %s)", stage, lock.lock_file, path)
             lock.acquire()
             waited = time.time() - t0
         try:
             if is_complete(path):  # built by the job we waited for
-                log.info("%s: reusing %s, built by another job while this one waited %.0f s", stage, path, waited)
+                log.info("%s: reusing %s, built by another process while this one waited %.0f s", stage, path,
+                         waited)
             else:
                 log.info("%s: %s is missing, building it", stage, path)
                 build()

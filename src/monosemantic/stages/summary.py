@@ -26,7 +26,7 @@ ROWS = [("L0", "l0", "{:.2f}"), ("explained variance", "explained_variance", "{:
 def _ledger_rows(table: Table, ledger: list[Record]) -> None:
     for r in ledger:
         how = f"built in {r.seconds:.0f} s" if r.status == "built" else (
-            f"reused (waited {r.waited_s:.0f} s for another job's build)" if r.waited_s else "reused")
+            f"reused (waited {r.waited_s:.0f} s for another process's build)" if r.waited_s else "reused")
         table.add_row(f"{r.stage}", how)
 
 
