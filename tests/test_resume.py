@@ -2,11 +2,13 @@
 uninterrupted run trains on — model, optimizer, dead counters and the stream position all come back."""
 
 import functools
+import shutil
 
 import lightning as L
 import pytest
 import torch
 
+from monosemantic.callbacks.resampler import NeuronResampler
 from monosemantic.data.activation_datamodule import ActivationDataModule
 from monosemantic.models.sae_module import SAEModule
 
@@ -75,3 +77,61 @@ def test_resumed_run_equals_uninterrupted_run(tiny_shards, tmp_path):
         torch.testing.assert_close(resumed.sae.state_dict()[name], p, rtol=1e-5, atol=1e-6, msg=name)
     assert torch.equal(resumed.tokens_since_fired, straight.tokens_since_fired)
     assert int(resumed.tokens_seen) == int(straight.tokens_seen) == 8 * 32
+
+
+class _ForgetfulResampler(NeuronResampler):
+    """A resampler whose checkpoint state is never restored: the negative control of the test below."""
+
+    def load_state_dict(self, state_dict) -> None:
+        pass
+
+
+class _Silence(L.Callback):
+    """Makes features 0–7 silent from the start and 8–15 from step 4 (a huge negative encoder bias), so both
+    resampling steps have dead features to revive, in the uninterrupted and the resumed run alike."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step in (0, 4):
+            first = 0 if trainer.global_step == 0 else 8
+            with torch.no_grad():
+                pl_module.sae.b_enc[first : first + 8] = -1e4
+
+
+def _fit_resampling(shards, max_steps, root, resampler, ckpt_path=None, stop_at=None):
+    torch.manual_seed(0)
+    module = SAEModule(d_sae=32, l1_coeff=0.01, optimizer=functools.partial(torch.optim.Adam, lr=1e-3), d_in=64,
+                       b_dec_init="zeros", dead_window_tokens=64, sparse_step=False)
+    callbacks = [_Silence(), resampler, _Recorder(stop_at),
+                 L.pytorch.callbacks.ModelCheckpoint(dirpath=root, save_last=True)]
+    trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, default_root_dir=root, callbacks=callbacks)
+    trainer.fit(module, datamodule=_dm(shards), ckpt_path=ckpt_path)
+    return module
+
+
+def test_resampler_state_comes_back_from_the_checkpoint(tiny_shards, tmp_path):
+    """Stopped after the first resampling and resumed with a resampler built with another seed (as a changed
+    config would), the run must resample at the second step exactly as the uninterrupted run did — which it
+    can only do with the seed and the steps done restored from the checkpoint."""
+    def resampler(cls=NeuronResampler, seed=3):
+        return cls(resample_steps=[3, 6], dead_window_tokens=64, n_loss_inputs=256, seed=seed)
+
+    straight_cb = resampler()
+    straight = _fit_resampling(tiny_shards, 8, tmp_path / "a", straight_cb)
+    assert [(h["step"], h["n_resampled"] >= 8) for h in straight_cb.history] == [(3, True), (6, True)]
+
+    _fit_resampling(tiny_shards, 8, tmp_path / "b", resampler(), stop_at=4)
+    stopped = tmp_path / "stopped_at_4.ckpt"
+    shutil.copy(tmp_path / "b" / "last.ckpt", stopped)
+    resumed_cb = resampler(seed=99)
+    resumed = _fit_resampling(tiny_shards, 8, tmp_path / "b", resumed_cb, ckpt_path=str(stopped))
+    assert resumed_cb.seed == 3 and resumed_cb.done_steps == [3, 6]
+    torch.testing.assert_close(resumed.sae.W_dec, straight.sae.W_dec, rtol=1e-5, atol=1e-6)
+    assert torch.equal(resumed.tokens_since_fired, straight.tokens_since_fired)
+
+    # the same resume with load_state_dict doing nothing: step 3 forgotten and a different draw at step 6,
+    # so the assertions above would fail
+    forgetful_cb = resampler(_ForgetfulResampler, seed=99)
+    forgetful = _fit_resampling(tiny_shards, 8, tmp_path / "c", forgetful_cb, ckpt_path=str(stopped))
+    assert forgetful_cb.done_steps == [6] and forgetful_cb.seed == 99
+    assert not torch.allclose(forgetful.sae.W_dec, straight.sae.W_dec, rtol=1e-5, atol=1e-6)
