@@ -342,3 +342,28 @@ def test_a_failed_write_never_completes_its_shard(tmp_path, monkeypatch) -> None
     with pytest.raises(OSError, match="earlier write failed"):
         sink.close()  # no end-of-archive is written: the shard cannot pass for whole
     assert (tmp_path / "s.tar.tmp").stat().st_size == 4096
+
+
+def test_a_platform_without_fadvise_o_direct_or_fdatasync_writes_and_reads_the_same_set(
+        tiny_shards: Path, transformer_export: Path, tmp_path, monkeypatch) -> None:
+    """As on macOS (no posix_fadvise, O_DIRECT or fdatasync): the cache writes the same bytes through the page
+    cache, and the reader streams them; nothing calls what the platform lacks."""
+    import os
+
+    from monosemantic.data.activation_datamodule import ActivationDataModule
+    from monosemantic.data.shards import pagecache
+
+    for name in ("posix_fadvise", "fdatasync", "O_DIRECT"):
+        monkeypatch.delattr(os, name)
+    monkeypatch.setattr(pagecache, "HAS_FADVISE", False)
+    monkeypatch.setattr(pagecache, "HAS_O_DIRECT", False)
+    m = read_manifest(tiny_shards)
+    settings = CacheSettings(**{k: m["settings"][k] for k in ("n_contexts", "tokens_per_context",
+                                                               "contexts_per_shard", "batch_size", "seed")})
+    out = write_activation_cache(transformer_export, tmp_path / "acts", settings, progress=False, direct_io=True)
+    for s in m["shards"]:
+        assert (out / s["name"]).read_bytes() == (tiny_shards / s["name"]).read_bytes(), s["name"]
+    dm = ActivationDataModule(shards=str(out), batch_size=32, buffer_tokens=128, lr_windows=0)
+    dm.setup()
+    rows = sum(len(x) for x in dm.stream("train", infinite=False, drop_last=False))
+    assert rows == sum(s["n_tokens"] for s in m["shards"][:-1])

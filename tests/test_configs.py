@@ -123,3 +123,30 @@ def test_every_yaml_is_reached():
         rel = p.relative_to(CONFIGS)
         assert len(rel.parts) == 1 or rel.parts[0] in tested, rel
     assert Path(CONFIGS / "train.yaml").is_file()
+
+
+def test_readme_stage_overrides_parse_as_written():
+    """Every `transformer_overrides=…` / `cache_overrides=…` the README shows parses in Hydra as a shell passes
+    it, and each element is itself a valid override."""
+    import re
+    import shlex
+
+    from conftest import ROOT
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```[a-z]*\n(.*?)```", text, re.S)
+    fenced = [ln for block in blocks for ln in block.replace("\\\n", " ").splitlines()]  # joined at `\`
+    commands = fenced + re.findall(r"(?<!`)`([^`\n]+)`(?!`)", text)  # code blocks' lines and inline code
+    found = 0
+    for command in commands:
+        if not re.search(r"(transformer|cache)_overrides=", command):
+            continue
+        for token in shlex.split(command):
+            if re.match(r"(transformer|cache)_overrides=", token):
+                value = parser.parse_override(token).value()
+                assert isinstance(value, list) and value, token
+                parser.parse_overrides([str(v) for v in value])
+                found += 1
+    assert found >= 1

@@ -1,16 +1,20 @@
 """DDP with 2 CPU processes (trainer=ddp_sim) through the real entry point, for both stages."""
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import ROOT, TINY_NET
+from safetensors.torch import load_file
 
 
 def run(args, tmp_path, timeout=600):
     env_cmd = [sys.executable, str(ROOT / "src" / "train.py"), *args, f"hydra.run.dir={tmp_path}", "logger=csv"]
-    r = subprocess.run(env_cmd, capture_output=True, text=True, timeout=timeout, cwd=tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}  # for the test-only rank_state callback
+    r = subprocess.run(env_cmd, capture_output=True, text=True, timeout=timeout, cwd=tmp_path, env=env)
     assert r.returncode == 0, r.stderr[-4000:]
     return r
 
@@ -34,7 +38,8 @@ def test_sae_ddp_sim_with_resampling(tiny_shards, tmp_path):
          "model.b_dec_init_tokens=64", "trainer.max_steps=8", "trainer.val_check_interval=4",
          "trainer.limit_val_batches=2", "scale.sae.resample_steps=[4]", "scale.sae.dead_window_tokens=64",
          "scale.sae.n_loss_inputs=256", "scale.sae.l1_coeff=1.0", "scale.sae.l1_warmup_steps=0",
-         "scale.sae.lr=1.0"], tmp_path)
+         "scale.sae.lr=1.0", "+callbacks.rank_state._target_=rank_state.DumpRankState",
+         f"+callbacks.rank_state.out_dir={tmp_path / 'ranks'}", "+callbacks.rank_state.steps=[4,8]"], tmp_path)
     final = json.loads((tmp_path / "metrics.json").read_text())
     # both ranks counted tokens: 8 steps × 32 × 2 ranks
     assert final["training_tokens"] == 8 * 32 * 2
@@ -43,3 +48,10 @@ def test_sae_ddp_sim_with_resampling(tiny_shards, tmp_path):
     col = header.index("resample/n_resampled")
     resampled = [float(r.split(",")[col]) for r in rows[1:] if r.split(",")[col]]
     assert resampled and resampled[0] > 0, "a heavy λ kills features; the resampler revived some on both ranks"
+    # right after the resampling step and at the end, both ranks hold the same SAE and the same counters
+    for step in (4, 8):
+        r0, r1 = (load_file(str(tmp_path / "ranks" / f"step{step}_rank{r}.safetensors")) for r in (0, 1))
+        assert set(r0) == set(r1) and "sae.W_dec" in r0
+        for name in r0:
+            assert torch.equal(r0[name], r1[name]), (step, name)
+    assert int(r0["tokens_seen"]) == 8 * 32 * 2

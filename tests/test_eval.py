@@ -9,6 +9,7 @@ from conftest import ROOT, compose_cfg
 
 from monosemantic.stages import run_training
 from monosemantic.stages.eval import run as run_eval
+from monosemantic.utils.hydra_utils import apply_extras
 
 
 @pytest.fixture(scope="module")
@@ -19,6 +20,7 @@ def trained_run(tiny_shards, data_root, tmp_path_factory):
         "data.buffer_tokens=256", "data.lr_windows=4", "data.lr_batch_size=4", "model.b_dec_init_tokens=128",
         "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.limit_val_batches=2", "logger=csv",
         "scale.sae.resample_steps=[]"], out, data_root)
+    apply_extras(cfg)  # as src/train.py does: writes the run's config_resolved.yaml
     run_training(cfg)
     return out
 
@@ -40,6 +42,18 @@ def test_eval_checkpoint_and_export_agree(trained_run, tmp_path):
     # and the end-of-training metrics.json is the same evaluation of the same held-out set
     final = json.loads((trained_run / "metrics.json").read_text())
     assert final["n_tokens"] == from_export["n_tokens"]
+
+
+def test_eval_defaults_to_the_runs_own_final_evaluation(trained_run, tmp_path):
+    """With no lr_windows given, eval uses as many loss-recovered windows as the run's final evaluation did (from
+    the export's metadata, or the run's config beside a checkpoint) and records the count: same numbers."""
+    final = json.loads((trained_run / "metrics.json").read_text())
+    assert final["lr_windows"] > 4
+    for i, path in enumerate((trained_run / "export", trained_run / "checkpoints" / "last.ckpt")):
+        metrics = run_eval(compose_cfg("eval", [f"ckpt_path={path}"], tmp_path / str(i)))
+        assert metrics["lr_windows"] == final["lr_windows"] and metrics["val_shards"] == 1
+        for key in ("loss_recovered", "ce_clean", "ce_sae", "ce_ablated", "l0", "lr_tokens"):
+            assert metrics[key] == pytest.approx(final[key], rel=1e-4), (path.name, key)
 
 
 @pytest.mark.slow

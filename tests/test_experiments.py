@@ -1,6 +1,9 @@
 """Every experiment runs end to end under a fast-dev-run override (tiny data, real code paths)."""
 
+import csv
 import json
+import math
+import shutil
 import subprocess
 import sys
 
@@ -108,3 +111,55 @@ def test_sae_run_builds_every_missing_stage_then_reuses_them(data_root, tmp_path
     # the upstream stage logged inside the run that built it, with that run's logger (logger=csv)
     assert (tmp_path / "run0" / "upstream" / "transformer_1l" / "csv" / "metrics.csv").is_file()
     assert runs[0]["l0"] == pytest.approx(runs[1]["l0"])  # same data, same seed: the same SAE
+
+
+def test_transformer_shorter_than_its_val_interval_still_validates(token_store, data_root, tmp_path):
+    """3 steps with val_check_interval=10: the final weights are validated, and the export records a real loss."""
+    over = ["experiment=transformer_1l", "trainer.max_steps=3", "trainer.val_check_interval=10", "data.val_windows=4",
+            "logger=csv", *tiny_overrides("transformer_1l", token_store, None)]
+    cfg = compose_cfg("train", over, tmp_path, data_root)
+    metrics = run_training(cfg)
+    assert math.isfinite(metrics["val/loss"]) and metrics["val/loss"] > 0
+    info = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert info["val_loss"] == pytest.approx(metrics["val/loss"]) and info["trainer"]["world_size"] == 1
+
+
+def test_loss_recovered_is_absent_with_a_reason_and_skipped_shards_are_counted(tiny_shards, data_root, tmp_path):
+    """No token windows (data.lr_windows=0, final_eval_lr_windows=0): no val/loss_recovered anywhere — not a NaN
+    — the reason in metrics.json, and the sweep metric is None. A damaged shard skipped goes into metrics.json."""
+    from monosemantic.data.shards.format import shard_name
+    from monosemantic.utils.hydra_utils import metric_value
+
+    damaged = tmp_path / "shards"
+    shutil.copytree(tiny_shards, damaged)
+    with open(damaged / shard_name(1), "r+b") as f:
+        f.truncate(f.seek(0, 2) // 2 + 700)
+    over = [o for o in tiny_overrides("sae", None, damaged) if not o.startswith("data.lr_windows")]
+    cfg = compose_cfg("train", ["experiment=sae_512", *over, "data.lr_windows=0", "final_eval_lr_windows=0",
+                                "data.skip_corrupt=true", "trainer.max_steps=4", "trainer.val_check_interval=2",
+                                "trainer.limit_val_batches=1", "scale.sae.resample_steps=[]", "logger=csv"],
+                      tmp_path / "run", data_root)
+    metrics = run_training(cfg)
+    final = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert "loss_recovered" not in final and "no held-out token windows" in final["loss_recovered_skipped"]
+    assert not [k for k in metrics if "loss_recovered" in k]
+    assert metric_value(metrics, cfg.optimized_metric) is None  # val/loss_recovered: the sweeper gets None
+    header = (tmp_path / "run" / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "val/mse" in header and not [h for h in header if "loss_recovered" in h]
+    assert final["n_skipped_shards"] >= 1
+
+
+def test_train_and_val_mse_share_one_unit(tiny_shards, data_root, tmp_path):
+    """train/mse and val/mse are both on raw activations; the normalised one has its own name (a factor s²)."""
+    over = ["experiment=sae_512", *tiny_overrides("sae", None, tiny_shards), "trainer.max_steps=2",
+            "trainer.val_check_interval=2", "trainer.limit_val_batches=2", "trainer.log_every_n_steps=1",
+            "scale.sae.resample_steps=[]", "logger=csv"]
+    cfg = compose_cfg("train", over, tmp_path, data_root)
+    run_training(cfg)
+    rows = list(csv.DictReader((tmp_path / "csv" / "metrics.csv").open()))
+    s2 = json.loads((tmp_path / "metrics.json").read_text())["norm_scale"] ** 2
+    train = [r for r in rows if r.get("train/mse")]
+    assert train and all(float(r["train/mse_normalized"]) == pytest.approx(float(r["train/mse"]) * s2, rel=1e-4)
+                         for r in train)
+    val = float(next(r["val/mse"] for r in rows if r.get("val/mse")))
+    assert 0.1 < val / float(train[-1]["train/mse"]) < 10  # the same unit: same order (s² here is ~1e4)

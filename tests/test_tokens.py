@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from monosemantic.data.corpus import Corpus, CorpusConfig, CorpusError
-from monosemantic.data.token_datamodule import TokenDataModule
+from monosemantic.data.token_datamodule import TokenDataModule, random_starts
 from monosemantic.data.token_store import build_token_store, load_split, read_meta, unigram_entropy
 from monosemantic.data.tokenizer import EOT, TokenizerConfig, load_tokenizer, train_bpe
 
@@ -120,6 +120,29 @@ def test_datamodule_deterministic_for_seed(token_store, data_root):
     v1 = torch.cat(list(_dm(token_store, data_root, 1).val_dataloader()))
     v2 = torch.cat(list(_dm(token_store, data_root, 2).val_dataloader()))
     assert torch.equal(v1, v2), "the held-out set does not depend on the seed"
+
+
+def test_train_windows_are_fresh_each_epoch(token_store, data_root):
+    """Each epoch draws new random windows (the same ones for the same seed and epoch); the held-out ones stay."""
+    dm = _dm(token_store, data_root, 1)
+    train = np.asarray(load_split(token_store, "train"), dtype=np.int64)
+    loader = dm.train_dataloader()
+
+    def epoch(e):
+        dm.train_sampler.set_epoch(e)  # no trainer attached: the sampler's own epoch is used
+        return torch.cat(list(loader))
+
+    e0, e1, e0_again = epoch(0), epoch(1), epoch(0)
+    assert torch.equal(e0, e0_again) and e0.shape == e1.shape
+    assert (e0[:, 0] != e1[:, 0]).float().mean() > 0.9  # fresh starts, not a replay of epoch 0
+    starts = random_starts(len(train), 32, len(dm.train_sampler), seed=1)  # epoch 0: the draw of `seed` alone
+    torch.testing.assert_close(e0[:, :], torch.from_numpy(np.stack([train[s : s + 33] for s in starts])))
+
+    class _Trainer:  # under Lightning the sampler reads the trainer's epoch
+        current_epoch = 1
+
+    dm.trainer = _Trainer()
+    assert torch.equal(torch.cat(list(dm.train_dataloader())), e1)
 
 
 def test_val_windows_never_overlap_train(token_store, data_root):

@@ -105,3 +105,54 @@ def test_tied_unembedding_uses_the_embedding():
     x = x + blk.attn(blk.ln_attn(x))
     x = x + blk.mlp(blk.ln_mlp(x))
     torch.testing.assert_close(net(tokens), net.ln_final(x) @ net.embed.weight.T)
+
+
+def test_weight_decay_groups_by_parameter_identity():
+    """Linear matrices decay (the unembedding too: its name contains "embed"); embeddings, biases and norms do
+    not; a tied unembedding is the embedding, so it does not; every parameter is in exactly one group."""
+    from monosemantic.models.transformer_module import TransformerModule
+
+    for tied in (False, True):
+        net = tiny(tied_unembed=tied)
+        decay, no_decay = TransformerModule(net, optimizer=torch.optim.AdamW).param_groups()
+        ids = {id(p) for p in decay}
+        assert ids.isdisjoint(id(p) for p in no_decay)
+        assert len(decay) + len(no_decay) == len(list(net.parameters()))
+        assert id(net.embed.weight) not in ids and id(net.pos_embed.weight) not in ids
+        if not tied:
+            assert id(net.unembed.weight) in ids
+        blk = net.blocks[0]
+        for p in (blk.attn.qkv.weight, blk.attn.out.weight, blk.mlp.fc_in.weight, blk.mlp.fc_out.weight):
+            assert id(p) in ids
+        for p in (blk.attn.qkv.bias, blk.ln_attn.weight, blk.ln_mlp.bias, net.ln_final.weight):
+            assert id(p) not in ids
+
+
+def test_export_missing_a_tensor_is_an_error_naming_file_and_tensor(tmp_path):
+    import pytest
+    from safetensors.torch import load_file, save_file
+
+    from monosemantic.models.transformer_module import export_transformer, load_transformer
+
+    out = export_transformer(tiny(), tmp_path / "model", None)
+    loaded, _ = load_transformer(out)
+    torch.testing.assert_close(loaded.unembed.weight, tiny().unembed.weight)
+    weights = load_file(str(out / "model.safetensors"))
+    del weights["unembed.weight"]  # an untied model without its unembedding would load with random weights
+    save_file(weights, str(out / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"model\.safetensors: missing tensor\(s\) \['unembed\.weight'\]"):
+        load_transformer(out)
+    tied = export_transformer(tiny(tied_unembed=True), tmp_path / "tied", None)  # nothing missing: it is tied
+    assert load_transformer(tied)[0].unembed is None
+
+
+def test_export_replaces_a_folder_whole(tmp_path):
+    from monosemantic.models.transformer_module import export_transformer, load_transformer
+
+    out = export_transformer(tiny(seed=0), tmp_path / "model", None, {"val_loss": 1.0})
+    (out / "stale.txt").write_text("from the old export")
+    export_transformer(tiny(seed=1), out, None, {"val_loss": 2.0})
+    net, cfg = load_transformer(out)
+    assert cfg["val_loss"] == 2.0 and not (out / "stale.txt").exists()
+    torch.testing.assert_close(net.embed.weight, tiny(seed=1).embed.weight)
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temporary folder left behind
