@@ -34,7 +34,7 @@ class ActivationDataModule(L.LightningDataModule):
                  lr_windows: int = 64, lr_batch_size: int = 16, drop_page_cache: bool = True) -> None:
         """
         Args:
-            shards: the shard-set directory (``data.shards=<dir>``); set by the pipeline when null.
+            shards: the shard-set directory (``data.shards=<dir>``); null: the SAE stage builds or finds one.
             batch_size: activations per training batch (paper: 8,192).
             buffer_tokens: token-level shuffle buffer, in activations.
             val_shards: the last N shards of the manifest are held out for validation.

@@ -50,7 +50,7 @@ class SAEModule(L.LightningModule):
             d_sae: dictionary size (A/1: 4,096).
             l1_coeff: λ (paper's A runs: 0.004 with their scaling; always report L0 beside it).
             optimizer: partial Adam (``_partial_: true``).
-            d_in: activation width; set from the shard manifest by the pipeline.
+            d_in: activation width; set from the shard manifest by the SAE stage (``stages/sae.py``).
             l1_reduction: how the L1 term is reduced; recorded for sweeps (only this one is implemented).
             l1_warmup_steps: λ ramps linearly from 0 over these steps (0: no warm-up).
             dead_window_tokens: a feature that fired on none of the last N tokens is dead.
