@@ -292,8 +292,10 @@ def test_skipped_shards_are_counted_across_dataloader_workers(tiny_shards: Path,
     loader = torch.utils.data.DataLoader(dm.stream("train", infinite=False, drop_last=False), batch_size=None,
                                          num_workers=2)
     n_rows = sum(len(x) for x in loader)
-    assert dm.n_skipped == 2
+    assert dm.n_skipped == 2 and dm.skipped.names() == [shard_name(0), shard_name(2)]
     assert n_rows < N_TRAIN_CTX * TPC
+    sum(len(x) for x in loader)  # a second pass reads them again: still two damaged shards
+    assert dm.n_skipped == 2
 
 
 def test_nan_activations_name_the_shard_and_sample(tmp_path: Path) -> None:

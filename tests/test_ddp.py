@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -33,7 +34,12 @@ def test_transformer_ddp_sim(token_store, data_root, tmp_path):
 
 @pytest.mark.slow
 def test_sae_ddp_sim_with_resampling(tiny_shards, tmp_path):
-    run(["experiment=sae_512", "trainer=ddp_sim", f"data.shards={tiny_shards}", "data.batch_size=32",
+    shards = tmp_path / "shards"  # with one damaged training shard, skipped by whichever rank reads it
+    shutil.copytree(tiny_shards, shards)
+    with open(shards / "shard-000002.tar", "r+b") as f:
+        f.truncate(f.seek(0, 2) // 2 + 700)
+    run(["experiment=sae_512", "trainer=ddp_sim", f"data.shards={shards}", "data.skip_corrupt=true",
+         "data.batch_size=32",
          "data.val_batch_size=64", "data.buffer_tokens=128", "data.lr_windows=4", "data.lr_batch_size=2",
          "model.b_dec_init_tokens=64", "trainer.max_steps=8", "trainer.val_check_interval=4",
          "trainer.limit_val_batches=2", "scale.sae.resample_steps=[4]", "scale.sae.dead_window_tokens=64",
@@ -43,6 +49,7 @@ def test_sae_ddp_sim_with_resampling(tiny_shards, tmp_path):
     final = json.loads((tmp_path / "metrics.json").read_text())
     # both ranks counted tokens: 8 steps × 32 × 2 ranks
     assert final["training_tokens"] == 8 * 32 * 2
+    assert final["skipped_shards"] == ["shard-000002.tar"] and final["n_skipped_shards"] == 1  # summed over ranks
     rows = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()
     header = rows[0].split(",")
     col = header.index("resample/n_resampled")

@@ -35,9 +35,11 @@ def test_experiment_fast_dev_run(experiment, token_store, tiny_shards, data_root
         assert json.loads((tmp_path / "export" / "config.json").read_text())["model"]["d_mlp"] == TINY_NET["d_mlp"]
     else:
         final = json.loads((tmp_path / "metrics.json").read_text())
-        for key in ("l0", "explained_variance", "loss_recovered", "dead_frac", "dense_frac", "kl", "train_dead_frac",
+        for key in ("l0", "explained_variance", "loss_recovered", "dead_frac", "dense_frac", "kl",
                     "train_dense_frac", "train_density_window_tokens", "norm_scale", "l1_coeff_raw", "lr_windows"):
             assert key in final, key
+        # one step of 64 tokens cannot show a feature silent for the dead window: absent, not a structural 0
+        assert final["training_tokens"] < final["dead_window_tokens"] and "train_dead_frac" not in final
         # a few hundred held-out tokens cannot show a density below 1e-6: absent, not a structural 0
         assert final["n_tokens"] < 1e6 and "ultralow_frac" not in final
         assert final["l1_coeff_raw"] == pytest.approx(final["l1_coeff"] / final["norm_scale"])
@@ -146,7 +148,7 @@ def test_loss_recovered_is_absent_with_a_reason_and_skipped_shards_are_counted(t
     assert metric_value(metrics, cfg.optimized_metric) is None  # val/loss_recovered: the sweeper gets None
     header = (tmp_path / "run" / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
     assert "val/mse" in header and not [h for h in header if "loss_recovered" in h]
-    assert final["n_skipped_shards"] >= 1
+    assert final["n_skipped_shards"] == 1 and final["skipped_shards"] == [shard_name(1)]  # once, read or not
 
 
 def test_train_and_val_mse_share_one_unit(tiny_shards, data_root, tmp_path):

@@ -150,6 +150,9 @@ def test_loss_recovered_on_no_tokens_is_absent_not_nan() -> None:
     assert m.compute() == {}
     m.update(ce_clean=0.0, ce_sae=0.0, ce_ablated=0.0, kl=0.0, n_tokens=0)
     assert m.compute() == {}
+    m.update(ce_clean=20.0, ce_sae=25.0, ce_ablated=20.0, kl=1.0, n_tokens=10)  # ablation costs nothing
+    out = m.compute()
+    assert "loss_recovered" not in out and out["ce_sae"].item() == pytest.approx(2.5)
 
 
 @pytest.fixture

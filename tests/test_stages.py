@@ -12,6 +12,7 @@ from conftest import ROOT, TINY_NET, compose_cfg
 from omegaconf import open_dict
 
 from monosemantic.stages import artifacts
+from monosemantic.stages import transformer as transformer_stage
 from monosemantic.stages.compose import compose_stage, shared_overrides
 
 NET = [f"model.net.{k}={v}" for k, v in TINY_NET.items() if k != "n_ctx"]
@@ -26,8 +27,7 @@ TINY_SCALE = ["scale.transformer.n_ctx=32", "scale.transformer.batch_size=8", "s
 
 
 def upstream_transformer_cfg(parent):
-    overrides = ["experiment=transformer_1l", *shared_overrides(parent), *parent.transformer_overrides]
-    return compose_stage("train", overrides, parent, parent.paths.output_dir)
+    return transformer_stage.upstream_config(parent)
 
 
 def test_upstream_stage_gets_the_runs_trainer_logger_and_seed(tmp_path):
@@ -44,6 +44,15 @@ def test_upstream_stage_gets_the_runs_trainer_logger_and_seed(tmp_path):
     # the SAE run's own schedule is not the transformer's
     assert sub.trainer.max_steps == sub.scale.transformer.max_steps != 3
     assert sub.trainer.val_check_interval == sub.scale.transformer.val_check_interval
+
+    # a group the stage chooses itself drops the run's settings for it (logger.wandb.* names no csv logger)
+    parent = compose_cfg("train", ["experiment=sae_512", "logger.wandb.project=mine", "trainer.precision=bf16-mixed"],
+                         tmp_path)
+    with open_dict(parent):
+        parent.transformer_overrides = ["logger=csv"]
+    sub = upstream_transformer_cfg(parent)
+    assert set(sub.logger) == {"csv"} and sub.trainer.precision == "bf16-mixed"
+    assert sum(o.startswith("logger=") for o in shared_overrides(parent)) == 1
 
     # the cache stage an SAE run composes carries the same settings on to the transformer it builds
     cache = compose_stage("cache_activations", ["seed=7"], parent, tmp_path / "cache")

@@ -145,6 +145,35 @@ def test_train_windows_are_fresh_each_epoch(token_store, data_root):
     assert torch.equal(torch.cat(list(dm.train_dataloader())), e1)
 
 
+def test_lightning_fit_draws_fresh_windows_each_epoch(token_store, data_root):
+    """Through Lightning's fit loop (its epoch, its sampler handling): two epochs, two different window sets."""
+    import lightning as L
+
+    class Recorder(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+            self.seen: dict[int, list[torch.Tensor]] = {}
+
+        def training_step(self, batch, batch_idx):
+            self.seen.setdefault(self.current_epoch, []).append(batch.clone())
+            return self.w * 0.0 + self.w.square()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    dm = TokenDataModule(str(data_root), n_ctx=32, batch_size=4, seed=3, store_dir=str(token_store), train_windows=8)
+    model = Recorder()
+    L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, limit_val_batches=0).fit(model, datamodule=dm)
+    e0, e1 = (torch.cat(model.seen[e]) for e in (0, 1))
+    assert e0.shape == e1.shape == (8, 33) and not torch.equal(e0, e1)
+    train = np.asarray(load_split(token_store, "train"), dtype=np.int64)
+    for epoch, seen in ((0, e0), (1, e1)):
+        starts = random_starts(len(train), 32, 8, seed=3, epoch=epoch)
+        torch.testing.assert_close(seen, torch.from_numpy(np.stack([train[s : s + 33] for s in starts])))
+
+
 def test_val_windows_never_overlap_train(token_store, data_root):
     """No held-out window shares a 16-token span with the train split (documents are split, not windows)."""
     dm = _dm(token_store, data_root, val_windows=None)

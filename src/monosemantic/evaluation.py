@@ -8,8 +8,11 @@ imports nothing from here.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +28,31 @@ from monosemantic.metrics import (
 )
 from monosemantic.models.components import hooks
 from monosemantic.models.components.transformer import HookFn, Transformer
+from monosemantic.models.transformer_module import load_transformer
+
+
+def splice_transformer(dm, device: str | torch.device = "cpu") -> tuple[nn.Module | None, str | None]:
+    """The frozen transformer an ``ActivationDataModule``'s shard set names, for the splice; or None and why:
+    no loadable transformer there, or not the one that wrote the set (its weights changed since)."""
+    ckpt = (dm.manifest.get("model") or {}).get("checkpoint")
+    if not ckpt or not Path(ckpt, "model.safetensors").is_file():
+        return None, f"shard set {dm.shards_dir} names no loadable transformer ({ckpt!r})"
+    identity = Path(dm.shards_dir) / "cache_identity.json"
+    recorded = json.loads(identity.read_text()).get("model_sha256") if identity.is_file() else None
+    if recorded and recorded != hashlib.sha256(Path(ckpt, "model.safetensors").read_bytes()).hexdigest():
+        return None, (f"the transformer at {ckpt} is not the one that wrote shard set {dm.shards_dir} "
+                      "(its weights changed since): the splice would measure another model")
+    return load_transformer(ckpt, device)[0], None
+
+
+def no_windows_reason(dm, n_windows: int | None = None) -> str | None:
+    """Why there are no held-out token windows for loss recovered (None: there are ``n_windows`` of them, or
+    the datamodule's ``lr_windows`` when None)."""
+    if dm.lr_windows(n_windows) is not None:
+        return None
+    count = dm.hparams.lr_windows if n_windows is None else n_windows
+    return (f"no held-out token windows: the token store {dm.manifest.get('token_store')!r} is missing, "
+            f"or {count} windows were asked for")
 
 
 def raw_reconstruction(sae: nn.Module, acts: torch.Tensor, scale: float) -> torch.Tensor:

@@ -159,8 +159,8 @@ class LossRecovered(_SumMetric):
     ``(CE_ablated − CE_sae) / (CE_ablated − CE_clean)``: 1 when splicing in the reconstruction costs
     nothing, 0 when it is as bad as ablating the MLP. ``update`` takes per-token *sums* (see
     :func:`monosemantic.evaluation.splice_losses`); ``ablation`` ("zero" or "mean") only labels which
-    baseline was used. ``compute()`` on no tokens returns ``{}``: loss recovered is then absent (the
-    caller says why), never a 0/0 NaN.
+    baseline was used. ``compute()`` on no tokens returns ``{}``, and without ``loss_recovered`` when the
+    ablation leaves the loss unchanged: it is then absent (the caller says why), never a 0/0 NaN.
     """
 
     higher_is_better = True
@@ -186,10 +186,7 @@ class LossRecovered(_SumMetric):
             return {}
         ce_clean, ce_sae = self.ce_clean / self.n_tokens, self.ce_sae / self.n_tokens
         ce_ablated = self.ce_ablated / self.n_tokens
-        return {
-            "ce_clean": ce_clean,
-            "ce_sae": ce_sae,
-            "ce_ablated": ce_ablated,
-            "kl": self.kl / self.n_tokens,
-            "loss_recovered": (ce_ablated - ce_sae) / (ce_ablated - ce_clean),
-        }
+        out = {"ce_clean": ce_clean, "ce_sae": ce_sae, "ce_ablated": ce_ablated, "kl": self.kl / self.n_tokens}
+        if ce_ablated != ce_clean:  # else ablating the MLP costs nothing: there is no loss to recover (0/0)
+            out["loss_recovered"] = (ce_ablated - ce_sae) / (ce_ablated - ce_clean)
+        return out

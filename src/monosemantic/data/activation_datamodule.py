@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import logging
-import multiprocessing
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from monosemantic.data.shards.format import ShardSetError, norm_scale, read_manifest
-from monosemantic.data.shards.reader import ActivationStream
+from monosemantic.data.shards.reader import ActivationStream, SkippedShards
 from monosemantic.data.token_datamodule import TokenWindows, tiled_starts
 from monosemantic.data.token_store import load_split
 
@@ -52,7 +51,7 @@ class ActivationDataModule(L.LightningDataModule):
         self.scale = 1.0
         self.train_urls: list[str] = []
         self.val_urls: list[str] = []
-        self._skipped: Any = None  # shared with the DataLoader workers, made in setup (not picklable here)
+        self.skipped: SkippedShards | None = None  # shared by every stream and worker, made in setup
 
     @property
     def shards_dir(self) -> Path:
@@ -76,7 +75,7 @@ class ActivationDataModule(L.LightningDataModule):
             raise ShardSetError(f"{self.shards_dir}: {len(names)} shards cannot give {n_val} held-out "
                                 "validation shard(s) and at least one for training")
         urls = [str(self.shards_dir / n) for n in names]
-        self._skipped = multiprocessing.Value("q", 0)
+        self.skipped = SkippedShards(urls)
         self.train_urls, self.val_urls = urls[: len(urls) - n_val], urls[len(urls) - n_val :]
         self.manifest = m
         if self.hparams.normalize:
@@ -98,7 +97,7 @@ class ActivationDataModule(L.LightningDataModule):
                                                                     or self.hparams.batch_size),
                   buffer_tokens=self.hparams.buffer_tokens, scale=self.scale, seed=self.hparams.seed,
                   shuffle=train, infinite=train, drop_last=train, skip_corrupt=self.hparams.skip_corrupt,
-                  drop_page_cache=self.hparams.drop_page_cache, skip_counter=self._skipped,
+                  drop_page_cache=self.hparams.drop_page_cache, skipped=self.skipped,
                   shard_tokens={str(self.shards_dir / s["name"]): int(s["n_tokens"])
                                 for s in self.manifest["shards"]})
         kw.update(overrides)
@@ -106,8 +105,9 @@ class ActivationDataModule(L.LightningDataModule):
 
     @property
     def n_skipped(self) -> int:
-        """Shard reads skipped as damaged (``skip_corrupt=true``) by every stream of this datamodule."""
-        return int(self._skipped.value) if self._skipped is not None else 0
+        """Damaged shards skipped (``skip_corrupt=true``) by any stream of this datamodule in this process
+        and its workers, each counted once; the SAE stage sums the ranks' records."""
+        return self.skipped.count() if self.skipped is not None else 0
 
     def _loader(self, ds: IterableDataset) -> DataLoader:
         # batches are formed in the stream (batch_size=None); workers each read their own shards
@@ -133,11 +133,12 @@ class ActivationDataModule(L.LightningDataModule):
     def lr_windows(self, n_windows: int | None = None) -> TokenWindows | None:
         """Held-out token windows (val split of the token store) for loss recovered, if the set came from text.
 
-        ``n_windows`` overrides ``lr_windows`` (e.g. more windows for the final evaluation than during training).
+        ``n_windows`` overrides ``lr_windows`` (e.g. more windows for the final evaluation than during training);
+        0 windows, like a set that did not come from text, gives None.
         """
         store = self.manifest.get("token_store")
         n_ctx = self.manifest.get("n_ctx")
-        n_windows = n_windows or self.hparams.lr_windows
+        n_windows = self.hparams.lr_windows if n_windows is None else n_windows
         if not store or not n_ctx or not n_windows or not Path(store, "meta.json").is_file():
             return None
         val = load_split(store, "val")

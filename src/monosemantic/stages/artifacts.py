@@ -9,10 +9,12 @@ and a changed config builds a new one. :func:`ensure` is the one way a stage get
   once (a multirun, SLURM jobs started together) one builds and the other waits, then reuses; nothing is
   built twice, and no writer ever sees another's temporary files (the writers also write to a temporary
   name and rename whole, ``utils.io.atomic_dir``);
-- a build that runs on several ranks (the transformer under DDP): rank 0 takes the lock and the other ranks
-  of the same job join the build without it (they cannot wait on rank 0, which waits for them to start).
-  A single-process build (token store, cache) in a DDP job is done by whichever rank takes the lock first;
-  the others wait for it like any other process.
+- a build that runs on several ranks (the transformer under DDP): rank 0 takes the lock, and while it builds
+  it leaves a marker in the job's run folder; the job's other ranks wait until the artifact is complete
+  (reuse) or the marker appears (join the build). This holds with Lightning's launcher (the other ranks
+  start inside rank 0's fit) and with ranks started by the job system (srun, torchrun), also when rank 0
+  first waits for another job's build. A single-process build (token store, cache) in a DDP job is done by
+  whichever rank takes the lock first; the others wait for it like any other process.
 
 Each call adds a :class:`Record` to the run's ledger, which the summary prints and ``metrics.json`` keeps:
 "built" or "reused" comes from the store, never from how long a stage took.
@@ -35,8 +37,11 @@ from monosemantic.utils.hydra_utils import config_key
 
 log = logging.getLogger(__name__)
 
-# the rank variables Lightning reads (lightning.fabric.utilities.rank_zero), in its order
-_RANK_VARS = ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
+# the variables that give a process's place in a distributed job: Lightning's (lightning.fabric.utilities.
+# rank_zero) plus the node's rank, so the main process of node 1 under Lightning's launcher is not "rank 0"
+_RANK_VARS = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
+MARKER = ".building"  # in a multi-rank build's run folder, while rank 0 builds (what its other ranks join)
+POLL_S = 1.0
 
 
 @dataclass
@@ -56,12 +61,9 @@ class Record:
 Ledger = list[Record]
 
 
-def process_rank() -> int:
-    """This process's rank in a distributed job, from the environment (0 outside one)."""
-    for var in _RANK_VARS:
-        if os.environ.get(var, "").isdigit():
-            return int(os.environ[var])
-    return 0
+def is_rank_zero() -> bool:
+    """Whether this process is rank 0 of its distributed job (or not in one), from the environment."""
+    return all(int(os.environ[v]) == 0 for v in _RANK_VARS if os.environ.get(v, "").isdigit())
 
 
 def lock_path(path: str | Path) -> Path:
@@ -71,46 +73,105 @@ def lock_path(path: str | Path) -> Path:
     return path.parent / ".locks" / f"{path.name}.lock"
 
 
+def file_lock(path: str | Path) -> FileLock:
+    """The artifact's lock. Re-entrant within a process (``is_singleton``): a stage that holds it while it
+    builds may take it again, e.g. the transformer's registry export inside an upstream build."""
+    lock_path(path).parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(lock_path(path)), is_singleton=True)
+
+
+def _locked_build(stage: str, path: Path, is_complete: Callable[[Path], bool], build: Callable[[], Any],
+                  marker: Path | None) -> tuple[str, float]:
+    """Take the artifact's lock (waiting for another process's build), then build it unless that process did."""
+    t0, waited, status = time.time(), 0.0, "reused"
+    lock = file_lock(path)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("%s: waiting for %s (another process is building %s)", stage, lock.lock_file, path)
+        lock.acquire()
+        waited = time.time() - t0
+    try:
+        if is_complete(path):  # built by the process we waited for
+            log.info("%s: reusing %s, built by another process while this one waited %.0f s", stage, path, waited)
+            return status, waited
+        log.info("%s: %s is missing, building it", stage, path)
+        if marker is not None:  # the other ranks of this job join the build when they see it
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(str(path))
+        try:
+            build()
+        finally:
+            if marker is not None:
+                marker.unlink(missing_ok=True)
+        if not is_complete(path):
+            raise RuntimeError(f"{stage}: the build finished but {path} is not a complete artifact")
+        return "built", waited
+    finally:
+        lock.release()
+
+
+def _follow(stage: str, path: Path, is_complete: Callable[[Path], bool], build: Callable[[], Any],
+            marker: Path) -> str:
+    """A rank other than 0 of a multi-rank build: reuse the artifact once rank 0 finds it complete, or join
+    the build once rank 0's marker says it is building it. It never decides alone: rank 0 may be waiting for
+    another job's build, and a rank that entered the build then would meet rank 0 in another program."""
+    logged = False
+    while True:
+        if is_complete(path):
+            log.info("%s: reusing %s", stage, path)
+            return "reused"
+        if marker.is_file() and marker.read_text() == str(path):
+            log.info("%s: joining rank 0's build of %s", stage, path)
+            build()
+            return "built"
+        if not logged:
+            log.info("%s: waiting for rank 0 to build or find %s (marker %s)", stage, path, marker)
+            logged = True
+        time.sleep(POLL_S)
+
+
 def ensure(stage: str, path: str | Path, is_complete: Callable[[Path], bool], build: Callable[[], Any],
-           ledger: Ledger | None = None, multi_rank: bool = False) -> Path:
+           ledger: Ledger | None = None, multi_rank_dir: str | Path | None = None) -> Path:
     """Return ``path``, building it with ``build()`` first if ``is_complete(path)`` is false.
 
-    ``build`` writes the artifact at ``path`` (atomically); ``multi_rank`` says every rank of this job runs
-    it together (a DDP fit), so ranks other than 0 join it without taking the lock. Raises if a build
-    returns without leaving a complete artifact on rank 0.
+    ``build`` writes the artifact at ``path`` (atomically). ``multi_rank_dir`` marks a build that every rank
+    of this job runs together (a DDP fit): the folder, shared by the job's ranks, where rank 0 says it is
+    building; the other ranks then join without the lock (they cannot wait for rank 0, which waits for them
+    to start). Raises if a build returns without leaving a complete artifact.
     """
-    path, t0, waited, status = Path(path), time.time(), 0.0, "reused"
+    path, t0, waited = Path(path), time.time(), 0.0
+    marker = Path(multi_rank_dir) / MARKER if multi_rank_dir is not None else None
     if is_complete(path):
         log.info("%s: reusing %s", stage, path)
-    elif multi_rank and process_rank() != 0:
-        log.info("%s: rank %d joins the build of %s", stage, process_rank(), path)
-        build()
-        status = "built"
+        status = "reused"
+    elif marker is not None and not is_rank_zero():
+        status = _follow(stage, path, is_complete, build, marker)
     else:
-        lock_path(path).parent.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(lock_path(path)))
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            log.info("%s: waiting for %s (another process is building %s)", stage, lock.lock_file, path)
-            lock.acquire()
-            waited = time.time() - t0
-        try:
-            if is_complete(path):  # built by the job we waited for
-                log.info("%s: reusing %s, built by another process while this one waited %.0f s", stage, path,
-                         waited)
-            else:
-                log.info("%s: %s is missing, building it", stage, path)
-                build()
-                status = "built"
-                if not is_complete(path):
-                    raise RuntimeError(f"{stage}: the build finished but {path} is not a complete artifact")
-        finally:
-            lock.release()
+        status, waited = _locked_build(stage, path, is_complete, build, marker)
     record = Record(stage, str(path), status, round(time.time() - t0, 1), round(waited, 1))
     if ledger is not None:
         ledger.append(record)
     return path
+
+
+def world_size(trainer_cfg: dict) -> int:
+    """The world size a resolved trainer config asks for, without building it: devices × nodes. Devices may
+    be a count, a list or ``"0,1"`` of device ids, or ``-1`` / ``"auto"``: every visible GPU on a GPU
+    accelerator, one process otherwise."""
+    devices, nodes = trainer_cfg.get("devices", 1), int(trainer_cfg.get("num_nodes") or 1)
+    if isinstance(devices, (list, tuple)):
+        n = len(devices)
+    elif str(devices) in ("-1", "auto"):
+        import torch
+
+        gpu = str(trainer_cfg.get("accelerator", "auto")) in ("gpu", "cuda", "auto") and torch.cuda.is_available()
+        n = max(1, torch.cuda.device_count()) if gpu else 1
+    elif isinstance(devices, str) and "," in devices:
+        n = len([d for d in devices.split(",") if d.strip()])
+    else:
+        n = int(devices)
+    return n * nodes
 
 
 def _without_data_dir(d: dict) -> dict:
@@ -120,14 +181,16 @@ def _without_data_dir(d: dict) -> dict:
 
 
 # the trainer settings that change what a transformer learns: its steps, the world size (DDP multiplies the
-# batch) and the precision; the accelerator, loggers and callbacks do not
-TRANSFORMER_KEY_TRAINER = ("max_steps", "devices", "num_nodes", "strategy", "precision")
+# batch; resolved, so `devices=-1` on 4 and on 8 GPUs are two keys), the strategy and the precision; the
+# accelerator, loggers and callbacks do not
+TRANSFORMER_KEY_TRAINER = ("max_steps", "strategy", "precision")
 
 
 def transformer_key(cfg: DictConfig) -> str:
     c = OmegaConf.to_container(cfg, resolve=True)
     c["model"]["net"].pop("vocab_size", None)  # filled in from the token store, which data already keys
     trainer = {k: c["trainer"].get(k) for k in TRANSFORMER_KEY_TRAINER}
+    trainer["world_size"] = world_size(c["trainer"])
     return config_key({"data": _without_data_dir(c["data"]), "model": c["model"], "seed": c.get("seed"),
                        "trainer": trainer})
 

@@ -9,7 +9,8 @@ it inside this process. What carries over, in this order (later wins):
    loggers, and its ``seed`` — so ``trainer=gpu``, ``trainer=ddp_sim``, ``trainer.precision=…``,
    ``logger=csv`` or ``seed=7`` on an SAE run also train its transformer that way. Step counts, validation
    intervals and the like are each stage's own and do not carry over;
-3. the stage's own overrides (``transformer_overrides``, ``cache_overrides``), which win over both.
+3. the stage's own overrides (``transformer_overrides``, ``cache_overrides``), which win over both; a group
+   the stage chooses itself (``logger=csv``) drops the run's settings for that group (:func:`stage_overrides`).
 
 Each upstream run writes its logs inside the run that built it (``<run>/upstream/<stage>/``): all ranks of
 a DDP job agree on that folder, and the run's provenance stays in one place.
@@ -39,11 +40,21 @@ def _override_key(override: str) -> str:
 
 
 def _is_shared(override: str) -> bool:
-    key = _override_key(override)
-    parts = key.split(".")
-    if parts[0] == "logger":
-        return True  # `logger=…` itself is taken from the group choice; `logger.wandb.project=…` carries over
-    return parts[0] == "trainer" and len(parts) > 1 and parts[1] in SHARED_TRAINER_KEYS
+    """``trainer.<hardware key>=…`` and ``logger.<…>=…`` (the group choices themselves come from Hydra's
+    record of the job, so ``trainer=…`` / ``logger=…`` are not taken twice)."""
+    parts = _override_key(override).split(".")
+    if len(parts) < 2:
+        return False
+    return parts[0] == "logger" or (parts[0] == "trainer" and parts[1] in SHARED_TRAINER_KEYS)
+
+
+def stage_overrides(inherited: list[str], own: list[str]) -> list[str]:
+    """The inherited settings, then the stage's own overrides. Where the stage chooses a group itself
+    (``logger=csv``, ``trainer=gpu``), nothing of the run's for that group is kept: ``logger.wandb.project``
+    would name a logger the stage no longer has. Otherwise the stage's key overrides simply come later."""
+    own_groups = {_override_key(o) for o in own if _override_key(o) in SHARED_GROUPS}
+    kept = [o for o in inherited if _override_key(o).split(".")[0] not in own_groups]
+    return [*kept, *own]
 
 
 def shared_overrides(cfg: DictConfig) -> list[str]:

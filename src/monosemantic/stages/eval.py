@@ -11,10 +11,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from monosemantic.data.activation_datamodule import ActivationDataModule
-from monosemantic.evaluation import evaluate
+from monosemantic.evaluation import evaluate, no_windows_reason, splice_transformer
 from monosemantic.export import load_sae
 from monosemantic.models.components.sae import SparseAutoencoder
-from monosemantic.stages.sae import frozen_transformer
 from monosemantic.stages.summary import print_summary
 from monosemantic.utils.io import write_json_atomic
 
@@ -63,13 +62,21 @@ def run(cfg: DictConfig) -> dict:
     sae, scale, recorded = load_any(path)
     shards = cfg.shards or recorded["shards"]
     val_shards = cfg.val_shards or recorded["val_shards"] or 1  # the run's own held-out split, unless overridden
-    lr_windows = cfg.lr_windows or recorded["lr_windows"] or DEFAULT_LR_WINDOWS
+    lr_windows = cfg.lr_windows if cfg.lr_windows is not None else recorded["lr_windows"]
+    if lr_windows is None:
+        log.info("%s records no loss-recovered window count (its run's resolved config or export metadata): "
+                 "using %d; set lr_windows= to choose", path, DEFAULT_LR_WINDOWS)
+        lr_windows = DEFAULT_LR_WINDOWS
+    else:
+        log.info("loss recovered on %d held-out windows (%s)", lr_windows,
+                 "lr_windows=" if cfg.lr_windows is not None else "as the training run's final evaluation")
     if not shards:
         raise ValueError(f"{path} records no shard set: pass shards=<dir>")
     dm = ActivationDataModule(shards=shards, batch_size=cfg.batch_size, val_shards=val_shards,
                               d_in=sae.W_enc.shape[0], normalize=False, lr_windows=lr_windows)
     dm.setup()
-    transformer, lr_skip = frozen_transformer(dm, cfg.device)
+    transformer, why_not = splice_transformer(dm, cfg.device)
+    lr_skip = why_not or no_windows_reason(dm)
     if lr_skip:
         log.warning("loss recovered is not measured: %s", lr_skip)
     mean_acts = dm.sample_activations(65_536, seed=1).mean(0) if cfg.ablation == "mean" else None
@@ -80,7 +87,7 @@ def run(cfg: DictConfig) -> dict:
     metrics.pop("log10_density", None)
     metrics.update({"ckpt_path": str(path), "shards": str(shards), "val_shards": int(val_shards),
                     "ablation": cfg.ablation, "lr_windows": len(dm.lr_windows() or []) if lr_skip is None else 0,
-                    "n_skipped_shards": dm.n_skipped})
+                    "n_skipped_shards": dm.n_skipped, "skipped_shards": dm.skipped.names()})
     if lr_skip:
         metrics["loss_recovered_skipped"] = lr_skip
     out = Path(cfg.output) if cfg.output else (

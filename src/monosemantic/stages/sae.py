@@ -18,10 +18,9 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, open_dict
 
-from monosemantic.evaluation import evaluate
+from monosemantic.evaluation import evaluate, no_windows_reason, splice_transformer
 from monosemantic.export import export_sae
 from monosemantic.metrics import density_summary
-from monosemantic.models.transformer_module import load_transformer
 from monosemantic.plots import save_density_histogram
 from monosemantic.stages import artifacts
 from monosemantic.stages import cache as cache_stage
@@ -31,18 +30,6 @@ from monosemantic.utils.hydra_utils import log_hyperparameters
 from monosemantic.utils.io import write_json_atomic
 
 log = logging.getLogger(__name__)
-
-
-def frozen_transformer(dm, device: str | torch.device = "cpu") -> tuple[torch.nn.Module | None, str | None]:
-    """The transformer a shard set names, and why loss recovered cannot be measured when it cannot."""
-    ckpt = (dm.manifest.get("model") or {}).get("checkpoint")
-    if not ckpt or not Path(ckpt, "model.safetensors").is_file():
-        return None, f"shard set {dm.shards_dir} names no loadable transformer ({ckpt!r})"
-    transformer, _ = load_transformer(ckpt, device)
-    if dm.lr_windows() is None:
-        return transformer, (f"no held-out token windows: the token store {dm.manifest.get('token_store')!r} is "
-                             f"missing or data.lr_windows={dm.hparams.lr_windows}")
-    return transformer, None
 
 
 def run(cfg: DictConfig) -> dict:
@@ -61,13 +48,17 @@ def run(cfg: DictConfig) -> dict:
     with open_dict(cfg):
         cfg.model.d_in = dm.d_in
     model = hydra.utils.instantiate(cfg.model)
-    transformer, lr_skip = frozen_transformer(dm)
-    if lr_skip:
-        log.warning("loss recovered is not measured: %s", lr_skip)
+    n_lr_windows = cfg.get("final_eval_lr_windows")
+    transformer, why_not = splice_transformer(dm)
+    lr_skip_val = why_not or no_windows_reason(dm)  # validation during training: data.lr_windows windows
+    lr_skip = why_not or no_windows_reason(dm, n_lr_windows)  # the final evaluation: its own count
+    for when, reason in (("during training", lr_skip_val), ("in the final evaluation", lr_skip)):
+        if reason:
+            log.warning("loss recovered is not measured %s: %s", when, reason)
     mean_acts = None
     if cfg.model.ablation == "mean":
         mean_acts = dm.sample_activations(65_536, seed=1).mean(0) / dm.scale
-    model.attach_data(dm.scale, transformer, mean_acts, lr_skip)
+    model.attach_data(dm.scale, transformer, mean_acts, lr_skip_val)
 
     trainer, loggers = build_trainer(cfg)
     log_hyperparameters(cfg, loggers, {"data/norm_scale": dm.scale, "data/n_tokens": dm.manifest["n_tokens"],
@@ -75,14 +66,17 @@ def run(cfg: DictConfig) -> dict:
     trainer.fit(model, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
     timings["train SAE"] = time.time() - t0
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    # every rank reads its own shards: the damaged ones any rank skipped (a collective, so before rank 0 goes on)
+    skipped = trainer.strategy.reduce(dm.skipped.as_tensor().to(trainer.strategy.root_device), reduce_op="sum")
+    skipped = skipped.cpu().tolist()
     if not trainer.is_global_zero:
         return metrics
+    skipped_names = [Path(u).name for u, n in zip(dm.skipped.urls, skipped) if n]
 
     t0 = time.time()
     out = Path(cfg.paths.output_dir)
     device = trainer.strategy.root_device
     sae = model.sae.float()
-    n_lr_windows = cfg.get("final_eval_lr_windows")
     final = evaluate(sae, dm.stream("val", batch_size=8192, split_nodes=False),
                      dm.lr_loader(n_lr_windows) if lr_skip is None else None, transformer, dm.scale,
                      cfg.model.ablation, mean_acts, device)
@@ -108,13 +102,19 @@ def run(cfg: DictConfig) -> dict:
         # the loss is s²·(MSE_raw + (λ/s)·Σ f_raw): λ/s is the coefficient that acts on raw activations
         "norm_scale": dm.scale, "l1_coeff_raw": cfg.model.l1_coeff / dm.scale,
         "d_sae": cfg.model.d_sae, "training_tokens": int(model.tokens_seen),
-        "train_dead_frac": float(model.dead_frac()), "dead_window_tokens": int(cfg.model.dead_window_tokens),
+        "dead_window_tokens": int(cfg.model.dead_window_tokens),
+        # dead = silent for the whole dead window: measurable once training has seen that many tokens
+        **({"train_dead_frac": float(model.dead_frac())}
+           if int(model.tokens_seen) >= int(cfg.model.dead_window_tokens) else {}),
         "train_density_window_tokens": int(window_tokens), "train_dense_frac": float(window["dense_frac"]),
         **({"train_ultralow_frac": float(window["ultralow_frac"])} if "ultralow_frac" in window else {}),
-        "lr_windows": lr_windows, "n_skipped_shards": dm.n_skipped,
+        "lr_windows": lr_windows, "n_skipped_shards": len(skipped_names) + int(skipped[-1]),
+        "skipped_shards": skipped_names,
         "stages": [r.as_dict() for r in ledger],
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
         "export": str(export_dir), "shards": str(dm.shards_dir)})
+    if lr_skip is None and "loss_recovered" not in final:  # the MLP's ablation does not change the loss
+        lr_skip = "ablating the MLP leaves the next-token loss unchanged (CE ablated = CE clean): no loss to recover"
     if lr_skip:
         final["loss_recovered_skipped"] = lr_skip
     write_json_atomic(out / "metrics.json", final)

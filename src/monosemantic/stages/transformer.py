@@ -15,14 +15,21 @@ from pathlib import Path
 
 import hydra
 import lightning as L
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from monosemantic.data.corpus import CorpusConfig
 from monosemantic.data.token_store import build_token_store, is_complete, load_split, store_dir_for, unigram_entropy
 from monosemantic.data.tokenizer import TokenizerConfig
 from monosemantic.models.transformer_module import export_transformer
 from monosemantic.stages import artifacts
-from monosemantic.stages.compose import build_trainer, compose_stage, shared_overrides, trainer_facts, upstream_dir
+from monosemantic.stages.compose import (
+    build_trainer,
+    compose_stage,
+    shared_overrides,
+    stage_overrides,
+    trainer_facts,
+    upstream_dir,
+)
 from monosemantic.utils.hydra_utils import finish_wandb, log_hyperparameters
 
 log = logging.getLogger(__name__)
@@ -79,7 +86,10 @@ def train(cfg: DictConfig, ledger: artifacts.Ledger | None = None) -> dict:
         net = model.net.to("cpu")
         out = Path(cfg.paths.output_dir)
         export_transformer(net, out / "export", dm.tokenizer_path, info)
-        export_transformer(net, registry, dm.tokenizer_path, info)
+        # under the registry's lock: a direct `experiment=transformer_1l` run replaces a registered model only
+        # when no other job is building or replacing it (an upstream build already holds it, re-entrantly)
+        with artifacts.file_lock(registry):
+            export_transformer(net, registry, dm.tokenizer_path, info)
         log.info("val loss %.4f nats/token vs unigram entropy %.4f; exported to %s and %s", val_loss, h_unigram,
                  out / "export", registry)
     trainer.strategy.barrier("transformer-export")  # every rank may read the registry after this
@@ -91,11 +101,17 @@ def run(cfg: DictConfig) -> dict:
     return train(cfg)
 
 
+def upstream_config(parent: DictConfig) -> DictConfig:
+    """``experiment=transformer_1l`` with the parent's scale, paths, shared settings and, last,
+    ``transformer_overrides``, logging into the parent's ``upstream/transformer_1l``."""
+    overrides = ["experiment=transformer_1l",
+                 *stage_overrides(shared_overrides(parent), list(parent.get("transformer_overrides") or []))]
+    return compose_stage("train", overrides, parent, upstream_dir(parent, "transformer_1l"))
+
+
 def ensure(parent: DictConfig, ledger: artifacts.Ledger | None = None) -> Path:
-    """The transformer ``experiment=transformer_1l`` gives with the parent's scale, shared settings and
-    ``transformer_overrides``; trained first if the registry has none."""
-    overrides = ["experiment=transformer_1l", *shared_overrides(parent), *(parent.get("transformer_overrides") or [])]
-    sub = compose_stage("train", overrides, parent, upstream_dir(parent, "transformer_1l"))
+    """The transformer :func:`upstream_config` describes; trained first if the registry has none."""
+    sub = upstream_config(parent)
     path = artifacts.transformer_dir(sub)
 
     def build() -> None:
@@ -106,4 +122,7 @@ def ensure(parent: DictConfig, ledger: artifacts.Ledger | None = None) -> Path:
         finally:
             finish_wandb()  # the upstream stage's W&B run ends with it
 
-    return artifacts.ensure("transformer", path, artifacts.transformer_complete, build, ledger, multi_rank=True)
+    # a DDP fit: every rank of this job runs it (rank 0 under the lock); the marker lives in the stage's run folder
+    ranks = artifacts.world_size(OmegaConf.to_container(sub.trainer, resolve=True))
+    return artifacts.ensure("transformer", path, artifacts.transformer_complete, build, ledger,
+                            multi_rank_dir=sub.paths.output_dir if ranks > 1 else None)

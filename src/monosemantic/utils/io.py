@@ -41,16 +41,23 @@ def replace_dir(src: str | Path, dst: str | Path) -> None:
         if not dst.exists():
             raise
     old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".old", dir=dst.parent))
-    os.replace(dst, old / dst.name)
-    os.replace(src, dst)
-    shutil.rmtree(old, ignore_errors=True)
+    try:
+        os.replace(dst, old / dst.name)
+        try:
+            os.replace(src, dst)
+        except BaseException:
+            os.replace(old / dst.name, dst)  # put the old folder back: dst is never left missing
+            raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 @contextmanager
 def atomic_dir(dst: str | Path) -> Iterator[Path]:
     """``with atomic_dir(out) as tmp:`` write into ``tmp`` (a fresh folder beside ``out``); on success it
     replaces ``out`` whole (:func:`replace_dir`), on an error it is removed and ``out`` is left as it was.
-    Each writer gets its own temporary folder, so concurrent writers never touch each other's files."""
+    Each writer gets its own temporary folder, so no writer touches another's files; two writers that replace
+    the same ``out`` at once must hold its lock (the artifact store's), or one of them may fail."""
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))

@@ -7,8 +7,9 @@
 - Local shards are read through a 1 MiB buffer and dropped from the page cache as they are read
   (:mod:`.pagecache`); any other url goes through webdataset's own opener (``pipe:``, HTTP, object stores).
 - A damaged shard stops the stream with a :class:`ShardSetError` naming it, or with ``skip_corrupt`` is
-  skipped: logged (``logging``, so ``extras.ignore_warnings`` cannot hide it) and counted in ``skip_counter``
-  (shared with DataLoader workers), which the training run writes to ``metrics.json``.
+  skipped: logged (``logging``, so ``extras.ignore_warnings`` cannot hide it) and recorded in a
+  :class:`SkippedShards` shared with the DataLoader's workers, which the training run writes to
+  ``metrics.json``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import functools
 import io
 import logging
+import multiprocessing
 import os
 import random
 import re
@@ -125,6 +127,37 @@ class _RowBuffer:
         self.n = m
 
 
+class SkippedShards:
+    """Which shards of a set were skipped as damaged, by any stream over the set, in any DataLoader worker:
+    one shared flag per shard (a damaged shard counts once, however often it is read) and a count of the
+    skips webdataset could not attribute to a shard. Shared memory, inherited by forked workers and handed
+    to spawned ones when they start."""
+
+    def __init__(self, urls: list[str]) -> None:
+        self.urls = list(urls)
+        self._index = {u: i for i, u in enumerate(self.urls)}
+        self.flags = multiprocessing.Array("b", max(1, len(self.urls)))
+        self.unattributed = multiprocessing.Value("q", 0)
+
+    def add(self, url: str | None) -> None:
+        i = self._index.get(url) if url is not None else None
+        if i is None:
+            with self.unattributed.get_lock():
+                self.unattributed.value += 1
+        else:
+            self.flags[i] = 1
+
+    def names(self) -> list[str]:
+        return [os.path.basename(u) for u, f in zip(self.urls, self.flags[: len(self.urls)]) if f]
+
+    def count(self) -> int:
+        return len(self.names()) + int(self.unattributed.value)
+
+    def as_tensor(self) -> torch.Tensor:
+        """``[n_shards + 1]`` int64: the flags, then the unattributed count (to sum across ranks)."""
+        return torch.tensor([*self.flags[: len(self.urls)], self.unattributed.value], dtype=torch.int64)
+
+
 class ActivationStream(IterableDataset):
     """Batches of activations from tar shards. ``with_ids`` also yields each row's context id (for tests).
 
@@ -137,7 +170,8 @@ class ActivationStream(IterableDataset):
                  seed: int = 0, shuffle: bool = True, infinite: bool = False, drop_last: bool = True,
                  skip_corrupt: bool = False, with_ids: bool = False,
                  shard_tokens: dict[str, int] | None = None, split_nodes: bool = True,
-                 skip_batches: int = 0, drop_page_cache: bool = True, skip_counter: Any = None) -> None:
+                 skip_batches: int = 0, drop_page_cache: bool = True,
+                 skipped: SkippedShards | None = None) -> None:
         super().__init__()
         if not urls:
             raise ShardSetError("no shards to stream")
@@ -148,10 +182,9 @@ class ActivationStream(IterableDataset):
         self.shard_tokens, self.split_nodes = dict(shard_tokens or {}), split_nodes
         self.skip_batches = skip_batches  # batches of this rank's stream already trained on (resume)
         self.drop_page_cache = drop_page_cache
-        # a ``multiprocessing.Value`` shared with the DataLoader's workers (they run copies of this stream),
-        # so the process that trains can report how many shards were skipped; a plain count without one
-        self.skip_counter = skip_counter
-        self._n_skipped_here = 0
+        # shared with the DataLoader's workers (they run copies of this stream) and the datamodule's other
+        # streams, so the process that trains can report which shards were skipped
+        self.skipped = skipped if skipped is not None else SkippedShards(self.urls)
         self._reported: set[str] = set()  # shards already reported this pass (one problem, one count)
 
     def _handler(self, exn: Exception, url: str | None = None) -> bool:
@@ -160,23 +193,17 @@ class ActivationStream(IterableDataset):
             f"shard {where or '?'} is truncated or corrupt: {exn.args[0] if exn.args else exn!r}")
         if self.skip_corrupt:
             if where is None or where not in self._reported:  # one damaged shard counts once per pass
-                self._count_skip()
+                self.skipped.add(where)
                 log.warning("skipping: %s (skipped so far: %d)", msg, self.n_skipped)
             if where is not None:
                 self._reported.add(where)
             return True
         raise ShardSetError(msg) from exn
 
-    def _count_skip(self) -> None:
-        self._n_skipped_here += 1
-        if self.skip_counter is not None:
-            with self.skip_counter.get_lock():
-                self.skip_counter.value += 1
-
     @property
     def n_skipped(self) -> int:
-        """Shard reads skipped as damaged (a damaged shard counts once per pass), in every worker."""
-        return int(self.skip_counter.value) if self.skip_counter is not None else self._n_skipped_here
+        """Damaged shards skipped so far (each counted once) by any stream sharing ``skipped``."""
+        return self.skipped.count()
 
     def _check_shard_size(self, url: str | None, n_rows: int) -> None:
         expected = self.shard_tokens.get(url) if url is not None else None
