@@ -133,3 +133,57 @@ def test_two_jobs_building_one_cache_at_once_build_it_once(transformer_export, t
     assert sum("built by another process while this one waited" in t for t in texts) == 1
     m = read_manifest(out)
     assert m["n_tokens"] == 96 * 8 and len(m["shards"]) == 6 and not list(out.glob("*.tmp"))
+
+
+def test_a_follower_rank_never_builds_alone(tmp_path, monkeypatch):
+    """Rank 1 of a multi-rank build (as srun starts it: RANK=1) waits; it reuses what rank 0 finds complete, and
+    joins the build only once rank 0's marker says it is building — never on its own reading of the disk."""
+    import threading
+
+    monkeypatch.setattr(artifacts, "POLL_S", 0.05)
+    monkeypatch.setenv("RANK", "1")
+    assert not artifacts.is_rank_zero()
+    built = []
+    art, run = tmp_path / "art", tmp_path / "run"
+
+    def complete(p):
+        return (p / "done").is_file()
+
+    def rank0_reuses_what_another_job_built():
+        time.sleep(0.3)
+        art.mkdir()
+        (art / "done").write_text("")
+
+    t = threading.Thread(target=rank0_reuses_what_another_job_built)
+    t.start()
+    ledger = []
+    artifacts.ensure("x", art, complete, lambda: built.append("rank 1"), ledger, multi_rank_dir=run)
+    t.join()
+    assert built == [] and ledger[0].status == "reused"
+
+    art2 = tmp_path / "art2"
+
+    def rank0_builds():
+        time.sleep(0.3)
+        run.mkdir(exist_ok=True)
+        (run / artifacts.MARKER).write_text(str(art2))
+
+    def join():
+        built.append("rank 1")
+        art2.mkdir()
+        (art2 / "done").write_text("")
+
+    t = threading.Thread(target=rank0_builds)
+    t.start()
+    artifacts.ensure("x", art2, complete, join, ledger, multi_rank_dir=run)
+    t.join()
+    assert built == ["rank 1"] and ledger[1].status == "built"
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("NODE_RANK", "1")  # the main process of node 1 under Lightning's launcher
+    assert not artifacts.is_rank_zero()
+
+
+def test_world_size_in_the_key_is_resolved():
+    assert artifacts.world_size({"devices": 2, "num_nodes": 3}) == 6
+    assert artifacts.world_size({"devices": [0, 1, 3]}) == 3 and artifacts.world_size({"devices": "0,1"}) == 2
+    assert artifacts.world_size({"devices": -1, "accelerator": "cpu"}) == 1
