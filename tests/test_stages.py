@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+import torch
 from conftest import ROOT, TINY_NET, compose_cfg
 from omegaconf import open_dict
 
@@ -46,8 +47,8 @@ def test_upstream_stage_gets_the_runs_trainer_logger_and_seed(tmp_path):
     assert sub.trainer.val_check_interval == sub.scale.transformer.val_check_interval
 
     # a group the stage chooses itself drops the run's settings for it (logger.wandb.* names no csv logger)
-    parent = compose_cfg("train", ["experiment=sae_512", "logger.wandb.project=mine", "trainer.precision=bf16-mixed"],
-                         tmp_path)
+    parent = compose_cfg("train", ["experiment=sae_512", "logger=wandb", "logger.wandb.project=mine",
+                                   "trainer.precision=bf16-mixed"], tmp_path)
     with open_dict(parent):
         parent.transformer_overrides = ["logger=csv"]
     sub = upstream_transformer_cfg(parent)
@@ -135,52 +136,116 @@ def test_two_jobs_building_one_cache_at_once_build_it_once(transformer_export, t
     assert m["n_tokens"] == 96 * 8 and len(m["shards"]) == 6 and not list(out.glob("*.tmp"))
 
 
-def test_a_follower_rank_never_builds_alone(tmp_path, monkeypatch):
-    """Rank 1 of a multi-rank build (as srun starts it: RANK=1) waits; it reuses what rank 0 finds complete, and
-    joins the build only once rank 0's marker says it is building — never on its own reading of the disk."""
+def _in_thread(fn, timeout=30):
+    """Run ``fn`` in a thread; fail (not hang) if it does not return in time, and re-raise its error."""
     import threading
 
+    out = {}
+
+    def target():
+        try:
+            out["value"] = fn()
+        except BaseException as e:  # handed to the test below
+            out["error"] = e
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), "did not return in time"
+    if "error" in out:
+        raise out["error"]
+    return out.get("value")
+
+
+def test_a_follower_rank_never_builds_alone(tmp_path, monkeypatch):
+    """Rank 1 of a multi-rank build (as srun starts it: RANK=1) waits; it reuses what rank 0 finds complete, joins
+    the build only once rank 0's marker (named by this launch) says "building", and stops when it says "failed"."""
+    from monosemantic.utils.io import write_json_atomic
+
     monkeypatch.setattr(artifacts, "POLL_S", 0.05)
+    monkeypatch.setenv("MONOSEMANTIC_LAUNCH_ID", "launch-a")
     monkeypatch.setenv("RANK", "1")
     assert not artifacts.is_rank_zero()
-    built = []
-    art, run = tmp_path / "art", tmp_path / "run"
+    built, ledger = [], []
 
     def complete(p):
         return (p / "done").is_file()
 
-    def rank0_reuses_what_another_job_built():
-        time.sleep(0.3)
-        art.mkdir()
-        (art / "done").write_text("")
+    def finish(p):
+        p.mkdir(exist_ok=True)
+        (p / "done").write_text("")
 
-    t = threading.Thread(target=rank0_reuses_what_another_job_built)
-    t.start()
-    ledger = []
-    artifacts.ensure("x", art, complete, lambda: built.append("rank 1"), ledger, multi_rank_dir=run)
-    t.join()
-    assert built == [] and ledger[0].status == "reused"
+    # 1. rank 0 finds it complete (another job built it while rank 0 waited): rank 1 reuses, builds nothing
+    art = tmp_path / "a"
+    threading_timer(0.3, lambda: finish(art))
+    _in_thread(lambda: artifacts.ensure("x", art, complete, lambda: built.append(1), ledger, multi_rank=True))
+    assert built == [] and ledger[-1].status == "reused"
 
-    art2 = tmp_path / "art2"
+    # 2. a marker a killed launch left is not this launch's: ignored; this launch's marker: rank 1 joins
+    art = tmp_path / "b"
+    stale = artifacts.lock_path(art).with_suffix(".launch-old.building")
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(stale, {"state": "building", "path": str(art)})
+    threading_timer(0.3, lambda: write_json_atomic(artifacts.marker_path(art), {"state": "building",
+                                                                                "path": str(art)}))
+    _in_thread(lambda: artifacts.ensure("x", art, complete, lambda: (built.append(2), finish(art)), ledger,
+                                        multi_rank=True))
+    assert built == [2] and ledger[-1].status == "built"
 
-    def rank0_builds():
-        time.sleep(0.3)
-        run.mkdir(exist_ok=True)
-        (run / artifacts.MARKER).write_text(str(art2))
+    # 3. rank 0 failed: rank 1 stops with its error instead of waiting for ever
+    art = tmp_path / "c"
+    threading_timer(0.3, lambda: write_json_atomic(artifacts.marker_path(art), {
+        "state": "failed", "path": str(art), "error": "RuntimeError('out of memory')"}))
+    with pytest.raises(RuntimeError, match="rank 0 failed to build.*out of memory"):
+        _in_thread(lambda: artifacts.ensure("x", art, complete, lambda: built.append(3), ledger, multi_rank=True))
+    assert built == [2]
 
-    def join():
-        built.append("rank 1")
-        art2.mkdir()
-        (art2 / "done").write_text("")
-
-    t = threading.Thread(target=rank0_builds)
-    t.start()
-    artifacts.ensure("x", art2, complete, join, ledger, multi_rank_dir=run)
-    t.join()
-    assert built == ["rank 1"] and ledger[1].status == "built"
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("NODE_RANK", "1")  # the main process of node 1 under Lightning's launcher
     assert not artifacts.is_rank_zero()
+
+
+def test_rank_zero_marks_its_build_and_clears_or_fails_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("MONOSEMANTIC_LAUNCH_ID", "launch-b")
+    for var in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(var, raising=False)
+    art = tmp_path / "art"
+    marker = artifacts.marker_path(art)
+    seen = {}
+
+    def build():
+        seen["during"] = json.loads(marker.read_text())
+        art.mkdir()
+        (art / "done").write_text("")
+
+    artifacts.ensure("x", art, lambda p: (p / "done").is_file(), build, multi_rank=True)
+    assert seen["during"] == {"state": "building", "path": str(art)} and not marker.exists()
+
+    def broken():
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        artifacts.ensure("x", tmp_path / "other", lambda p: p.is_dir(), broken, multi_rank=True)
+    state = json.loads(artifacts.marker_path(tmp_path / "other").read_text())
+    assert state["state"] == "failed" and "disk full" in state["error"]
+
+
+def threading_timer(delay, fn):
+    import threading
+
+    t = threading.Timer(delay, fn)
+    t.daemon = True
+    t.start()
+    return t
+
+
+def test_skipped_shards_union_after_the_final_evaluation():
+    """Flags summed over ranks after training, OR what rank 0 skipped since; unattributed skips add up."""
+    from monosemantic.stages.sae import union_skipped
+
+    all_ranks = torch.tensor([0, 2, 0, 1])  # shard 1 skipped by both ranks, 1 unattributed skip
+    before, after = torch.tensor([0, 1, 0, 1]), torch.tensor([0, 1, 1, 3])  # the final eval skipped shard 2
+    assert union_skipped(all_ranks, before, after).tolist() == [0, 1, 1, 3]
 
 
 def test_world_size_in_the_key_is_resolved():

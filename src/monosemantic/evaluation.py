@@ -55,6 +55,17 @@ def no_windows_reason(dm, n_windows: int | None = None) -> str | None:
             f"or {count} windows were asked for")
 
 
+def lr_absent_reason(metrics: dict, windows_reason: str | None) -> str | None:
+    """Why ``metrics`` (from :func:`evaluate`) hold no ``loss_recovered``; None when they do."""
+    if "loss_recovered" in metrics:
+        return None
+    if windows_reason:
+        return windows_reason
+    if "ce_clean" in metrics:
+        return "ablating the MLP leaves the next-token loss unchanged (CE ablated = CE clean): no loss to recover"
+    return "no held-out token windows were read"
+
+
 def raw_reconstruction(sae: nn.Module, acts: torch.Tensor, scale: float) -> torch.Tensor:
     """The reconstruction of *raw* activations by an SAE that works on ``scale``-normalised ones."""
     return sae(acts.float() * scale).x_hat / scale

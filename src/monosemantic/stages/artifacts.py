@@ -10,11 +10,13 @@ and a changed config builds a new one. :func:`ensure` is the one way a stage get
   built twice, and no writer ever sees another's temporary files (the writers also write to a temporary
   name and rename whole, ``utils.io.atomic_dir``);
 - a build that runs on several ranks (the transformer under DDP): rank 0 takes the lock, and while it builds
-  it leaves a marker in the job's run folder; the job's other ranks wait until the artifact is complete
-  (reuse) or the marker appears (join the build). This holds with Lightning's launcher (the other ranks
-  start inside rank 0's fit) and with ranks started by the job system (srun, torchrun), also when rank 0
-  first waits for another job's build. A single-process build (token store, cache) in a DDP job is done by
-  whichever rank takes the lock first; the others wait for it like any other process.
+  it leaves a marker beside the lock, named by the launch (:func:`launch_id`); the launch's other ranks wait
+  until the artifact is complete (reuse), the marker appears (join the build) or says rank 0 failed (stop).
+  This holds with Lightning's launcher (the other ranks start inside rank 0's fit and inherit its launch
+  id) and with ranks started by the job system (srun, torchrun: their job's id), also when rank 0 first
+  waits for another job's build, and a marker a killed launch left is never read by a new one.
+  A single-process build (token store, cache) in a DDP job is done by whichever rank takes the lock
+  first; the others wait for it like any other process.
 
 Each call adds a :class:`Record` to the run's ledger, which the summary prints and ``metrics.json`` keeps:
 "built" or "reused" comes from the store, never from how long a stage took.
@@ -22,9 +24,11 @@ Each call adds a :class:`Record` to the run's ledger, which the summary prints a
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,13 +38,16 @@ from filelock import FileLock, Timeout
 from omegaconf import DictConfig, OmegaConf
 
 from monosemantic.utils.hydra_utils import config_key
+from monosemantic.utils.io import write_json_atomic
 
 log = logging.getLogger(__name__)
 
 # the variables that give a process's place in a distributed job: Lightning's (lightning.fabric.utilities.
 # rank_zero) plus the node's rank, so the main process of node 1 under Lightning's launcher is not "rank 0"
 _RANK_VARS = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
-MARKER = ".building"  # in a multi-rank build's run folder, while rank 0 builds (what its other ranks join)
+# the launch that the ranks of one job share: set by srun or torchrun, or by rank 0 itself before Lightning's
+# launcher starts the other ranks (they inherit its environment)
+_LAUNCH_VARS = ("MONOSEMANTIC_LAUNCH_ID", "TORCHELASTIC_RUN_ID", "SLURM_JOB_ID")
 POLL_S = 1.0
 
 
@@ -80,9 +87,29 @@ def file_lock(path: str | Path) -> FileLock:
     return FileLock(str(lock_path(path)), is_singleton=True)
 
 
+def launch_id() -> str:
+    """An id every rank of this launch shares: srun's job and step, torchrun's run id, or one rank 0 makes
+    (and exports, so the ranks Lightning's launcher starts inherit it). A new launch gets a new id, so a
+    marker left by a killed one is never read as this launch's."""
+    if os.environ.get("SLURM_JOB_ID") and not os.environ.get("MONOSEMANTIC_LAUNCH_ID"):
+        return f"slurm{os.environ['SLURM_JOB_ID']}.{os.environ.get('SLURM_STEP_ID', '0')}"
+    for var in _LAUNCH_VARS:
+        if os.environ.get(var):
+            return os.environ[var]
+    os.environ["MONOSEMANTIC_LAUNCH_ID"] = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+    return os.environ["MONOSEMANTIC_LAUNCH_ID"]
+
+
+def marker_path(path: str | Path) -> Path:
+    """Where rank 0 of this launch says it builds ``path`` (beside the lock), for the launch's other ranks."""
+    return lock_path(path).with_suffix(f".{launch_id()}.building")
+
+
 def _locked_build(stage: str, path: Path, is_complete: Callable[[Path], bool], build: Callable[[], Any],
                   marker: Path | None) -> tuple[str, float]:
-    """Take the artifact's lock (waiting for another process's build), then build it unless that process did."""
+    """Take the artifact's lock (waiting for another process's build), then build it unless that process did.
+    With ``marker`` (a multi-rank build), say so to this launch's other ranks: "building", then removed on
+    success, or "failed: …" so they stop waiting."""
     t0, waited, status = time.time(), 0.0, "reused"
     lock = file_lock(path)
     try:
@@ -96,19 +123,28 @@ def _locked_build(stage: str, path: Path, is_complete: Callable[[Path], bool], b
             log.info("%s: reusing %s, built by another process while this one waited %.0f s", stage, path, waited)
             return status, waited
         log.info("%s: %s is missing, building it", stage, path)
-        if marker is not None:  # the other ranks of this job join the build when they see it
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.write_text(str(path))
+        if marker is not None:
+            write_json_atomic(marker, {"state": "building", "path": str(path)})
         try:
             build()
-        finally:
+            if not is_complete(path):
+                raise RuntimeError(f"{stage}: the build finished but {path} is not a complete artifact")
+        except BaseException as e:
             if marker is not None:
-                marker.unlink(missing_ok=True)
-        if not is_complete(path):
-            raise RuntimeError(f"{stage}: the build finished but {path} is not a complete artifact")
+                write_json_atomic(marker, {"state": "failed", "path": str(path), "error": repr(e)[:500]})
+            raise
+        if marker is not None:
+            marker.unlink(missing_ok=True)
         return "built", waited
     finally:
         lock.release()
+
+
+def _read_marker(marker: Path) -> dict:
+    try:
+        return json.loads(marker.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):  # not there (yet, or any more)
+        return {}
 
 
 def _follow(stage: str, path: Path, is_complete: Callable[[Path], bool], build: Callable[[], Any],
@@ -116,32 +152,36 @@ def _follow(stage: str, path: Path, is_complete: Callable[[Path], bool], build: 
     """A rank other than 0 of a multi-rank build: reuse the artifact once rank 0 finds it complete, or join
     the build once rank 0's marker says it is building it. It never decides alone: rank 0 may be waiting for
     another job's build, and a rank that entered the build then would meet rank 0 in another program."""
-    logged = False
+    t0, next_note = time.time(), 0.0
     while True:
         if is_complete(path):
             log.info("%s: reusing %s", stage, path)
             return "reused"
-        if marker.is_file() and marker.read_text() == str(path):
+        state = _read_marker(marker)
+        if state.get("path") == str(path) and state.get("state") == "building":
             log.info("%s: joining rank 0's build of %s", stage, path)
             build()
             return "built"
-        if not logged:
-            log.info("%s: waiting for rank 0 to build or find %s (marker %s)", stage, path, marker)
-            logged = True
+        if state.get("path") == str(path) and state.get("state") == "failed":
+            raise RuntimeError(f"{stage}: rank 0 failed to build {path} ({state.get('error')}); see its log")
+        if time.time() - t0 >= next_note:
+            log.info("%s: waiting for rank 0 to build or find %s (marker %s, %.0f s so far)", stage, path, marker,
+                     time.time() - t0)
+            next_note += 600
         time.sleep(POLL_S)
 
 
 def ensure(stage: str, path: str | Path, is_complete: Callable[[Path], bool], build: Callable[[], Any],
-           ledger: Ledger | None = None, multi_rank_dir: str | Path | None = None) -> Path:
+           ledger: Ledger | None = None, multi_rank: bool = False) -> Path:
     """Return ``path``, building it with ``build()`` first if ``is_complete(path)`` is false.
 
-    ``build`` writes the artifact at ``path`` (atomically). ``multi_rank_dir`` marks a build that every rank
-    of this job runs together (a DDP fit): the folder, shared by the job's ranks, where rank 0 says it is
-    building; the other ranks then join without the lock (they cannot wait for rank 0, which waits for them
-    to start). Raises if a build returns without leaving a complete artifact.
+    ``build`` writes the artifact at ``path`` (atomically). ``multi_rank`` marks a build that every rank of
+    this launch runs together (a DDP fit): rank 0 takes the lock and leaves a marker (:func:`marker_path`)
+    while it builds; the other ranks join without the lock (they cannot wait for rank 0, which waits for
+    them to start). Raises if a build returns without leaving a complete artifact.
     """
     path, t0, waited = Path(path), time.time(), 0.0
-    marker = Path(multi_rank_dir) / MARKER if multi_rank_dir is not None else None
+    marker = marker_path(path) if multi_rank else None
     if is_complete(path):
         log.info("%s: reusing %s", stage, path)
         status = "reused"

@@ -11,7 +11,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from monosemantic.data.activation_datamodule import ActivationDataModule
-from monosemantic.evaluation import evaluate, no_windows_reason, splice_transformer
+from monosemantic.evaluation import evaluate, lr_absent_reason, no_windows_reason, splice_transformer
 from monosemantic.export import load_sae
 from monosemantic.models.components.sae import SparseAutoencoder
 from monosemantic.stages.summary import print_summary
@@ -62,7 +62,8 @@ def run(cfg: DictConfig) -> dict:
     sae, scale, recorded = load_any(path)
     shards = cfg.shards or recorded["shards"]
     val_shards = cfg.val_shards or recorded["val_shards"] or 1  # the run's own held-out split, unless overridden
-    lr_windows = cfg.lr_windows if cfg.lr_windows is not None else recorded["lr_windows"]
+    # a recorded 0 or None: the run measured no loss recovered, which says nothing about how many windows to use
+    lr_windows = cfg.lr_windows if cfg.lr_windows is not None else (recorded["lr_windows"] or None)
     if lr_windows is None:
         log.info("%s records no loss-recovered window count (its run's resolved config or export metadata): "
                  "using %d; set lr_windows= to choose", path, DEFAULT_LR_WINDOWS)
@@ -88,8 +89,11 @@ def run(cfg: DictConfig) -> dict:
     metrics.update({"ckpt_path": str(path), "shards": str(shards), "val_shards": int(val_shards),
                     "ablation": cfg.ablation, "lr_windows": len(dm.lr_windows() or []) if lr_skip is None else 0,
                     "n_skipped_shards": dm.n_skipped, "skipped_shards": dm.skipped.names()})
-    if lr_skip:
-        metrics["loss_recovered_skipped"] = lr_skip
+    absent = lr_absent_reason(metrics, lr_skip)
+    if absent:
+        if absent != lr_skip:
+            log.warning("loss recovered is not measured: %s", absent)
+        metrics["loss_recovered_skipped"] = absent
     out = Path(cfg.output) if cfg.output else (
         path / "eval_metrics.json" if path.is_dir() else path.with_name(f"eval_{path.stem}.json"))
     write_json_atomic(out, metrics)

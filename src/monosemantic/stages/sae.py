@@ -18,7 +18,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, open_dict
 
-from monosemantic.evaluation import evaluate, no_windows_reason, splice_transformer
+from monosemantic.evaluation import evaluate, lr_absent_reason, no_windows_reason, splice_transformer
 from monosemantic.export import export_sae
 from monosemantic.metrics import density_summary
 from monosemantic.plots import save_density_histogram
@@ -30,6 +30,13 @@ from monosemantic.utils.hydra_utils import log_hyperparameters
 from monosemantic.utils.io import write_json_atomic
 
 log = logging.getLogger(__name__)
+
+
+def union_skipped(all_ranks: torch.Tensor, before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+    """Damaged shards (:meth:`SkippedShards.as_tensor` layout: a flag per shard, then the unattributed count)
+    summed over ranks after training, plus what this rank skipped since (its final evaluation)."""
+    flags = ((all_ranks[:-1] > 0) | (after[:-1] > 0)).to(torch.int64)
+    return torch.cat([flags, (all_ranks[-1] + after[-1] - before[-1]).reshape(1)])
 
 
 def run(cfg: DictConfig) -> dict:
@@ -68,10 +75,10 @@ def run(cfg: DictConfig) -> dict:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     # every rank reads its own shards: the damaged ones any rank skipped (a collective, so before rank 0 goes on)
     skipped = trainer.strategy.reduce(dm.skipped.as_tensor().to(trainer.strategy.root_device), reduce_op="sum")
-    skipped = skipped.cpu().tolist()
+    skipped_before_eval = dm.skipped.as_tensor()
+    skipped = skipped.cpu()
     if not trainer.is_global_zero:
         return metrics
-    skipped_names = [Path(u).name for u, n in zip(dm.skipped.urls, skipped) if n]
 
     t0 = time.time()
     out = Path(cfg.paths.output_dir)
@@ -81,6 +88,8 @@ def run(cfg: DictConfig) -> dict:
                      dm.lr_loader(n_lr_windows) if lr_skip is None else None, transformer, dm.scale,
                      cfg.model.ablation, mean_acts, device)
     sae = sae.cpu()
+    skipped = union_skipped(skipped, skipped_before_eval, dm.skipped.as_tensor())  # + what the final eval skipped
+    skipped_names = [Path(u).name for u, n in zip(dm.skipped.urls, skipped.tolist()) if n]
     log10_density = torch.tensor(final.pop("log10_density"))
     save_density_histogram(log10_density, out / "plots" / "final_density.png", title="held-out feature density")
     window_fires, window_tokens = model.density_window()
@@ -94,7 +103,7 @@ def run(cfg: DictConfig) -> dict:
         extra_metadata={"l1_coeff": cfg.model.l1_coeff, "l1_reduction": cfg.model.l1_reduction,
                         "l1_coeff_raw": cfg.model.l1_coeff / dm.scale,
                         "dataset_path": str(dm.shards_dir), "val_shards": int(cfg.data.val_shards),
-                        "final_eval_lr_windows": lr_windows, "training_tokens": int(model.tokens_seen)},
+                        "final_eval_lr_windows": lr_windows or None, "training_tokens": int(model.tokens_seen)},
         log10_density=log10_density)
     timings["eval + export"] = time.time() - t0
     final.update({
@@ -113,10 +122,11 @@ def run(cfg: DictConfig) -> dict:
         "stages": [r.as_dict() for r in ledger],
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
         "export": str(export_dir), "shards": str(dm.shards_dir)})
-    if lr_skip is None and "loss_recovered" not in final:  # the MLP's ablation does not change the loss
-        lr_skip = "ablating the MLP leaves the next-token loss unchanged (CE ablated = CE clean): no loss to recover"
-    if lr_skip:
-        final["loss_recovered_skipped"] = lr_skip
+    absent = lr_absent_reason(final, lr_skip)
+    if absent:
+        if absent != lr_skip:
+            log.warning("loss recovered is not measured in the final evaluation: %s", absent)
+        final["loss_recovered_skipped"] = absent
     write_json_atomic(out / "metrics.json", final)
     print_summary(final, ledger, timings, export_dir, out / "metrics.json")
     metrics.update({f"final/{k}": v for k, v in final.items() if isinstance(v, float | int)})

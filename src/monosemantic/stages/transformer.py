@@ -122,7 +122,6 @@ def ensure(parent: DictConfig, ledger: artifacts.Ledger | None = None) -> Path:
         finally:
             finish_wandb()  # the upstream stage's W&B run ends with it
 
-    # a DDP fit: every rank of this job runs it (rank 0 under the lock); the marker lives in the stage's run folder
+    # more than one rank: a DDP fit that every rank of this launch runs (rank 0 under the lock)
     ranks = artifacts.world_size(OmegaConf.to_container(sub.trainer, resolve=True))
-    return artifacts.ensure("transformer", path, artifacts.transformer_complete, build, ledger,
-                            multi_rank_dir=sub.paths.output_dir if ranks > 1 else None)
+    return artifacts.ensure("transformer", path, artifacts.transformer_complete, build, ledger, multi_rank=ranks > 1)

@@ -41,15 +41,14 @@ def replace_dir(src: str | Path, dst: str | Path) -> None:
         if not dst.exists():
             raise
     old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".old", dir=dst.parent))
+    os.replace(dst, old / dst.name)
     try:
-        os.replace(dst, old / dst.name)
-        try:
-            os.replace(src, dst)
-        except BaseException:
-            os.replace(old / dst.name, dst)  # put the old folder back: dst is never left missing
-            raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)
+        os.replace(src, dst)
+    except BaseException:
+        os.replace(old / dst.name, dst)  # put the old folder back: dst is never left missing
+        old.rmdir()
+        raise
+    shutil.rmtree(old, ignore_errors=True)  # only once the new folder is in place
 
 
 @contextmanager
