@@ -27,6 +27,7 @@ from monosemantic.metrics import (
     density_summary,
 )
 from monosemantic.models.components import hooks
+from monosemantic.models.components.sae import raw_reconstruction
 from monosemantic.models.components.transformer import HookFn, Transformer
 from monosemantic.models.transformer_module import load_transformer
 
@@ -64,11 +65,6 @@ def lr_absent_reason(metrics: dict, windows_reason: str | None) -> str | None:
     if "ce_clean" in metrics:
         return "ablating the MLP leaves the next-token loss unchanged (CE ablated = CE clean): no loss to recover"
     return "no held-out token windows were read"
-
-
-def raw_reconstruction(sae: nn.Module, acts: torch.Tensor, scale: float) -> torch.Tensor:
-    """The reconstruction of *raw* activations by an SAE that works on ``scale``-normalised ones."""
-    return sae(acts.float() * scale).x_hat / scale
 
 
 def _next_token_logprobs(logits_BTV: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from monosemantic.models.components.sae import SparseAutoencoder
+from monosemantic.models.components.sae import SparseAutoencoder, raw_reconstruction
 from monosemantic.models.components.sparse_step import sparse_forward
 
 log = logging.getLogger(__name__)
@@ -186,7 +186,7 @@ class SAEModule(L.LightningModule):
     # -- validation -----------------------------------------------------------------------------------
     def reconstruct_raw(self, acts_BTM: torch.Tensor) -> torch.Tensor:
         """The SAE's reconstruction of *raw* activations (normalise in, un-normalise out)."""
-        return self.sae(acts_BTM.float() * self.norm_scale).x_hat / self.norm_scale
+        return raw_reconstruction(self.sae, acts_BTM, self.norm_scale)
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int, dataloader_idx: int = 0) -> None:
         if self.val_metrics is None:

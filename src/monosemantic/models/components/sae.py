@@ -170,3 +170,8 @@ class SparseAutoencoder(nn.Module):
         self.W_dec[dead_F] = unit_KM
         self.W_enc[:, dead_F] = (unit_KM * (enc_norm_scale * mean_alive_norm)).T
         self.b_enc[dead_F] = 0.0
+
+
+def raw_reconstruction(sae: nn.Module, acts: torch.Tensor, scale: float) -> torch.Tensor:
+    """The reconstruction of *raw* activations by an SAE that works on ``scale``-normalised ones."""
+    return sae(acts.float() * scale).x_hat / scale
