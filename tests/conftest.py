@@ -106,3 +106,23 @@ def compose_cfg(config_name: str, overrides: list[str], output_dir: Path, data_d
             cfg.paths.data_dir = str(data_dir)
         del cfg.hydra
     return cfg
+
+
+@pytest.fixture(scope="session")
+def sae_export(tiny_shards, tmp_path_factory) -> Path:
+    """An SAE on the tiny transformer's 64 neurons whose encoder rows are the neurons themselves and some
+    random directions: features with known firing patterns, exported like a training run's."""
+    import torch
+
+    from monosemantic.export import export_sae
+    from monosemantic.models.components.sae import SparseAutoencoder
+
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(64, 96)
+    with torch.no_grad():
+        sae.W_dec[:64] = torch.eye(64)
+        sae.W_enc.copy_(sae.W_dec.T)
+        sae.b_enc.fill_(-0.05)
+        sae.b_dec.zero_()
+    out = tmp_path_factory.mktemp("sae") / "run" / "export"
+    return export_sae(sae, out, 1.0, "blocks.0.mlp.hook_post", 32, {"dataset_path": str(tiny_shards)})

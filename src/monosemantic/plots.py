@@ -1,10 +1,13 @@
-"""Pictures of SAE metrics: the log10 feature-density histogram (the paper's bimodal view).
+"""Pictures of SAE metrics: the log10 feature-density histogram (the paper's bimodal view), and the feature
+browser's unit densities and proxy distributions.
 
 Figures are built on an Agg canvas without pyplot, so they work headless and leak no global figure state.
 """
 
 from __future__ import annotations
 
+import io
+import math
 from pathlib import Path
 
 import torch
@@ -39,3 +42,49 @@ def save_density_histogram(log10_density: torch.Tensor, path: str | Path,
     return path
 
 
+
+
+def figure_png(fig: Figure, dpi: int = 100) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    return buf.getvalue()
+
+
+def unit_density_figure(densities: dict[str, torch.Tensor], n_tokens: int) -> Figure:
+    """log10 firing density of each unit set (features, neurons) on the dashboard's text, one panel each;
+    units that never fired are drawn at the floor 1/n_tokens / 10."""
+    floor = math.log10(1.0 / max(n_tokens, 1)) - 1
+    fig = Figure(figsize=(6.5, 2.4 * len(densities)), tight_layout=True)
+    FigureCanvasAgg(fig)
+    for i, (name, d) in enumerate(densities.items()):
+        ax = fig.add_subplot(len(densities), 1, i + 1)
+        v = torch.log10(d.double().clamp_min(10**floor)).numpy()
+        ax.hist(v, bins=60, range=(floor, 0.0), color="tab:blue" if i == 0 else "tab:gray")
+        dead = int((d == 0).sum())
+        ax.set_title(f"{name}: log10 density over {n_tokens:,} tokens ({dead} never fired, drawn at {floor:.0f})",
+                     fontsize=9)
+        ax.set_ylabel(name)
+    ax.set_xlabel("log10 density")
+    return fig
+
+
+def proxy_distribution_figure(values: dict[str, dict[str, torch.Tensor]], proxies: tuple[str, ...]) -> Figure:
+    """Per proxy, the distribution over eligible units of each unit set (features, neurons, control),
+    as overlaid step histograms with the medians marked."""
+    fig = Figure(figsize=(4.2 * len(proxies), 3.2), tight_layout=True)
+    FigureCanvasAgg(fig)
+    colors = {"features": "tab:blue", "neurons": "tab:orange", "control": "tab:gray"}
+    for j, proxy in enumerate(proxies):
+        ax = fig.add_subplot(1, len(proxies), j + 1)
+        for name, vals in values.items():
+            v = vals[proxy][~vals[proxy].isnan()].numpy()
+            if not len(v):
+                continue
+            c = colors.get(name)
+            ax.hist(v, bins=40, range=(0, 1), density=True, histtype="step", lw=1.5, color=c,
+                    label=f"{name} (n={len(v)})")
+            ax.axvline(float(torch.tensor(v).median()), color=c, ls="--", lw=1)
+        ax.set_title(proxy.replace("_", " "), fontsize=10)
+        ax.set_xlabel("score (dashed: median)")
+        ax.legend(fontsize=7)
+    return fig

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import torch
 
+from monosemantic.models.components.sae import SparseAutoencoder
 from monosemantic.models.components.transformer import HookFn
 
 
@@ -55,5 +56,38 @@ def edit_feature(feature_act: Callable[[torch.Tensor], torch.Tensor], direction_
             mask_T[positions] = 1
             delta_BTM = delta_BTM * mask_T[None, :, None]
         return acts_BTM + delta_BTM
+
+    return fn
+
+
+def pin_features(sae: SparseAutoencoder, indices: list[int], values: list[float | None], keep_error: bool = True,
+                 start: int = 0) -> HookFn:
+    """Pin SAE features ``indices`` to ``values`` (None: ablate, i.e. pin to 0) at positions ``start:``.
+
+    ``keep_error=True`` (the delta form, the paper's): ``x ← x + Σ_i (c_i − f_i(x)) · d_i``, so everything
+    the SAE does not reconstruct (its error term) passes through untouched. ``keep_error=False`` replaces
+    the activations by the SAE's reconstruction with the features pinned, ``x ← W_dec·f' + b_dec``, which
+    also drops the error term. ``sae`` works on the raw activations this hook sees.
+    """
+    idx = torch.as_tensor(indices, dtype=torch.long)
+    if idx.numel() == 0:
+        raise ValueError("pin_features needs at least one feature index")
+    if int(idx.min()) < 0 or int(idx.max()) >= sae.d_sae:
+        raise ValueError(f"feature indices {indices} out of range for an SAE with {sae.d_sae} features")
+    target_K = torch.tensor([0.0 if v is None else float(v) for v in values])
+
+    def fn(acts_BTM: torch.Tensor) -> torch.Tensor:
+        dev = acts_BTM.device
+        i, c_K = idx.to(dev), target_K.to(acts_BTM)
+        if keep_error:
+            f_BTK = torch.relu((acts_BTM - sae.b_dec) @ sae.W_enc[:, i] + sae.b_enc[i])
+            new_BTM = acts_BTM + (c_K - f_BTK) @ sae.W_dec[i]
+        else:
+            f_BTF = sae.encode(acts_BTM)
+            f_BTF[..., i] = c_K
+            new_BTM = sae.decode(f_BTF)
+        if start > 0:
+            new_BTM[:, :start] = acts_BTM[:, :start]
+        return new_BTM
 
     return fn

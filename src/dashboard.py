@@ -1,0 +1,27 @@
+"""Build the static HTML feature browser of an SAE (default: the newest export under logs/)."""
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parents[1]))
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from monosemantic.stages import dashboard  # noqa: E402
+from monosemantic.utils.hydra_utils import apply_extras, task_wrapper  # noqa: E402
+
+
+@task_wrapper
+def build(cfg: DictConfig) -> dict:
+    apply_extras(cfg)
+    return dashboard.run(cfg)
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="dashboard")
+def main(cfg: DictConfig) -> None:
+    build(cfg)
+
+
+if __name__ == "__main__":
+    main()
