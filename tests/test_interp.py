@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from monosemantic.analysis.collect import CollectSettings, UnitAccumulator
-from monosemantic.analysis.interp import direct_logit_effect, proxies, summarize
+from monosemantic.analysis.interp import direct_logit_effect, proxies, summarize, summarize_by_density
 from monosemantic.models.components.transformer import Transformer
 
 V, T, N_WINDOWS = 50, 16, 600
@@ -69,6 +69,14 @@ def test_context_consistency_is_one_for_a_fixed_phrase_and_low_at_random(text):
     units = proxies(run_units(tokens, acts), tokens, nxt, T, effect)
     ctrl = proxies(run_units(tokens, control), tokens, nxt, T, torch.zeros(30, V))
     assert units["context_consistency"][0] == pytest.approx(1.0)
+    # the same token at the first position of every window has no context: unknown, not identical
+    starts_tok = tokens.copy()
+    starts_tok[::T] = 7
+    at_start = torch.zeros(len(tokens))
+    at_start[::T] = torch.linspace(1, 2, N_WINDOWS)
+    starts = proxies(run_units(starts_tok, at_start[:, None]), starts_tok, nxt, T, torch.zeros(1, V))
+    # each context is {7, four unknowns}: Jaccard 1 / (5 + 5 - 1)
+    assert float(starts["context_consistency"][0]) == pytest.approx(1 / 9)
     c = ctrl["context_consistency"]
     assert float(c.median()) < 0.1
     assert abs(float(units["context_consistency"][1]) - float(c.median())) < 4 * float(c.std()) + 1e-6
@@ -105,6 +113,11 @@ def test_rare_units_are_left_out_not_rewarded(text):
     s = summarize(values)
     assert s["n_eligible"] == 1 and s["n_units"] == 2
     assert s["token_specificity_median"] == pytest.approx(float(values["token_specificity"][1]))
+    # by density band: the random unit (density ~0.2) alone in its band, the rare one in none
+    bands = summarize_by_density(values, torch.tensor([3 / len(tokens), 0.2]))
+    assert [b["n_eligible"] for b in bands] == [0, 0, 0, 1]
+    assert bands[3]["token_specificity_median"] == pytest.approx(float(values["token_specificity"][1]))
+    assert bands[0]["token_specificity_median"] is None
 
 
 @torch.no_grad()

@@ -56,8 +56,19 @@ function proxyTable() {
     h += `<tr><td>${esc(name)}</td><td class=num>${s.n_eligible} / ${s.n_units}</td>` +
       PROXY_COLS.map(([k]) => `<td class=num>${fmt(s[k + "_median"])}</td>`).join("") + "</tr>";
   }
-  return h + "</table><p class=small>Each proxy is measured on a uniform random sample of exactly " +
+  h += "</table><p class=small>Each proxy is measured on a uniform random sample of exactly " +
     `${D.meta.n_sample} firings per unit, so rare units are not favoured; see the README for definitions.</p>`;
+  const bands = D.meta.proxy_by_density;
+  if (!bands) return h;
+  h += "<table><tr><th>density band</th>" + Object.keys(bands).map(k => `<th>${esc(k)}: n · ` +
+    PROXY_COLS.map(([, l]) => l).join(" / ") + "</th>").join("") + "</tr>";
+  bands.features.forEach((b, i) => {
+    h += `<tr><td>${b.density_lo.toExponential(0)} – ${b.density_hi.toExponential(0)}</td>` +
+      Object.values(bands).map(rows => `<td class=num>${rows[i].n_eligible} · ` +
+        PROXY_COLS.map(([k]) => fmt(rows[i][k + "_median"])).join(" / ") + "</td>").join("") + "</tr>";
+  });
+  return h + "</table><p class=small>The same medians at matched firing density (units with at least " +
+    `${D.meta.n_sample} firings, by density band).</p>`;
 }
 function tableHtml(kind) {
   const t = D.tables[kind];

@@ -11,7 +11,8 @@ means; on a fixed-size sample, rarity buys nothing.
   for a unit firing at random positions, about the share of the corpus' commonest tokens.
 * **context consistency**: the mean pairwise Jaccard similarity of the token sets of the contexts (the
   firing token and the ``context`` tokens before it, same window) of the sample's ``n_context`` strongest
-  firings. 1.0 when those contexts are the same n-gram; near 0 for unrelated contexts.
+  firings. 1.0 when those contexts are the same n-gram; near 0 for unrelated contexts. Positions before
+  the window's start are unknown tokens that match nothing (a firing at position 0 has no context).
 * **logit coherence**: the share of the sample's activation mass at positions whose *next* token is among
   the ``n_logit`` tokens the unit's direct logit effect promotes most. It asks whether what the unit
   writes to the logits agrees with what follows where it fires (the paper's logit-based check, without a
@@ -63,15 +64,16 @@ PROXIES = ("token_specificity", "context_consistency", "logit_coherence")
 
 def _set_jaccard_mean(ctx_UQL: torch.Tensor, valid_UQL: torch.Tensor) -> torch.Tensor:
     """Mean pairwise Jaccard similarity ``[U]`` of the token *sets* in each unit's ``Q`` contexts of length
-    ``L`` (``valid`` marks real tokens)."""
+    ``L``. A position outside the window (``valid`` False) is an unknown token: it is in its context's set
+    but matches nothing, so a firing at a window's start, with no context, does not look consistent."""
     # a token repeated inside one context counts once: keep only its first occurrence
     same = (ctx_UQL[..., :, None] == ctx_UQL[..., None, :]) & valid_UQL[..., :, None] & valid_UQL[..., None, :]
     earlier = torch.tril(torch.ones(same.shape[-1], same.shape[-1], dtype=torch.bool), diagonal=-1)
-    valid_UQL = valid_UQL & ~(same & earlier).any(-1)
+    first_UQL = valid_UQL & ~(same & earlier).any(-1)
     eq = (ctx_UQL[:, :, None, :, None] == ctx_UQL[:, None, :, None, :])
-    eq &= valid_UQL[:, :, None, :, None] & valid_UQL[:, None, :, None, :]
+    eq &= first_UQL[:, :, None, :, None] & first_UQL[:, None, :, None, :]
     inter_UQQ = eq.sum((-1, -2)).float()
-    size_UQ = valid_UQL.sum(-1).float()
+    size_UQ = (first_UQL | ~valid_UQL).sum(-1).float()
     union_UQQ = size_UQ[:, :, None] + size_UQ[:, None, :] - inter_UQQ
     jac_UQQ = inter_UQQ / union_UQQ.clamp_min(1)
     Q = ctx_UQL.shape[1]
@@ -136,4 +138,22 @@ def summarize(values: dict[str, torch.Tensor]) -> dict[str, float | int]:
         if v.numel():
             out[f"{name}_median"] = float(v.median())
             out[f"{name}_q25"], out[f"{name}_q75"] = (float(x) for x in v.quantile(torch.tensor([0.25, 0.75])))
+    return out
+
+
+DENSITY_BANDS = ((1e-4, 1e-3), (1e-3, 1e-2), (1e-2, 1e-1), (1e-1, 1.0))
+
+
+def summarize_by_density(values: dict[str, torch.Tensor], density: torch.Tensor,
+                         bands: tuple[tuple[float, float], ...] = DENSITY_BANDS) -> list[dict]:
+    """Medians per firing-density band (``lo ≤ density < hi``), so units are also compared at matched
+    firing rates: the SAE's features are far sparser than the neurons as a whole."""
+    out = []
+    for lo, hi in bands:
+        in_band = (density >= lo) & (density < hi) & values["eligible"]
+        row: dict = {"density_lo": lo, "density_hi": hi, "n_eligible": int(in_band.sum())}
+        for name in PROXIES:
+            v = values[name][in_band]
+            row[f"{name}_median"] = float(v.median()) if v.numel() else None
+        out.append(row)
     return out

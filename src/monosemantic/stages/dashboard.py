@@ -18,7 +18,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from monosemantic.analysis.browser import token_strings, unit_pages, unit_rows, write_browser
 from monosemantic.analysis.collect import CollectSettings, collect, random_directions
-from monosemantic.analysis.interp import PROXIES, ProxySettings, direct_logit_effect, proxies, summarize
+from monosemantic.analysis.interp import (
+    PROXIES,
+    ProxySettings,
+    direct_logit_effect,
+    proxies,
+    summarize,
+    summarize_by_density,
+)
 from monosemantic.plots import figure_png, proxy_distribution_figure, unit_density_figure
 from monosemantic.stages.inputs import load_inputs, read_text
 from monosemantic.utils.io import write_json_atomic
@@ -61,6 +68,7 @@ def run(cfg: DictConfig) -> dict:
     psettings = ProxySettings(**cfg.proxies)
     values = {k: proxies(stats[k], tokens, next_tokens, T, effects[k], psettings) for k in stats}
     summary = {k: summarize(v) for k, v in values.items()}
+    by_density = {k: summarize_by_density(v, stats[k].density.float()) for k, v in values.items()}
     for k, s in summary.items():
         log.info("%s: %d/%d units fired ≥ %d times; medians %s", k, s["n_eligible"], s["n_units"],
                  settings.n_sample, ", ".join(f"{p} {s.get(p + '_median', float('nan')):.3f}" for p in PROXIES))
@@ -76,6 +84,7 @@ def run(cfg: DictConfig) -> dict:
     proxy_png = figure_png(proxy_distribution_figure(values, PROXIES))
     result = {"sae_path": str(inp.sae_path), "transformer": str(inp.transformer_dir), "n_tokens": len(tokens),
               "tokens_by_split": by_split, "n_sample": settings.n_sample, "proxy_summary": summary,
+              "proxy_by_density": by_density,
               "dead_features": int((stats["features"].n_fires == 0).sum()), "pass_seconds": round(pass_s, 1)}
     run_dir = inp.sae_path.parent if inp.sae_path.name == "export" else inp.sae_path.parent.parent
     meta = {**result, "sae_name": f"{run_dir.parent.parent.name}/{run_dir.name}",

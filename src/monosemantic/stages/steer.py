@@ -19,10 +19,10 @@ from monosemantic.utils.io import write_json_atomic
 log = logging.getLogger(__name__)
 
 
-def _value(spec, max_act: float) -> float | None:
-    """``max`` (the observed maximum), ``ablate`` (None) or a number."""
+def _value(spec, max_act: float, scale: float = 1.0) -> float | None:
+    """``max`` (the observed maximum, times ``scale``), ``ablate`` (None) or a number."""
     if spec == "max":
-        return max_act
+        return max_act * scale
     if spec == "ablate":
         return None
     try:
@@ -57,7 +57,7 @@ def run(cfg: DictConfig) -> dict:
         log.info("features most specific to %r: %s", cfg.token,
                  ", ".join(f"{i} (score {float(score_F[i]):.3f}, max {float(max_F[i]):.3g})" for i in best))
         features += [i for i in best if i not in features]
-    values = [_value(cfg.value, float(max_F[i])) for i in features]
+    values = [_value(cfg.value, float(max_F[i]), float(cfg.value_scale)) for i in features]
     for i, v in zip(features, values):
         if v is not None and max_F[i] == 0:
             log.warning("feature %d never fired on the scanned text: value=max pins it to 0", i)
