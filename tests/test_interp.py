@@ -130,6 +130,18 @@ def test_direct_logit_effect_reads_the_direction_the_unembedding_sees():
     net.unembed.weight[7] = 5 * u / u.norm()
     eff = direct_logit_effect(net, torch.eye(6))
     assert int(eff[2].argmax()) == 7
+    # the explicit formula with a non-trivial LayerNorm gain: W_U (γ ⊙ (r − mean r)), median-shifted
+    net.ln_final.weight.copy_(torch.rand(8) + 0.5)
+    r = net.blocks[0].mlp.fc_out.weight.clone()
+    want = (net.unembed.weight @ (net.ln_final.weight[:, None] * (r - r.mean(0)))).T
+    want -= want.median(dim=1, keepdim=True).values
+    eff = direct_logit_effect(net, torch.eye(6))
+    assert torch.allclose(eff, want, atol=1e-5)
+    tied = Transformer(vocab_size=12, n_ctx=4, d_model=8, n_heads=2, d_head=4, d_mlp=6, tied_unembed=True)
+    r = tied.blocks[0].mlp.fc_out.weight
+    want = (tied.embed.weight @ (r - r.mean(0))).T
+    assert torch.allclose(direct_logit_effect(tied, torch.eye(6)), want - want.median(1, keepdim=True).values,
+                          atol=1e-5)
     assert torch.allclose(eff.median(dim=1).values, torch.zeros(6), atol=1e-6)  # median-shifted
     # linear in the direction, and a constant added to every residual coordinate (removed by the LayerNorm's
     # centring) changes nothing

@@ -131,6 +131,15 @@ def test_scan_finds_each_features_maximum_and_the_token_specific_one(constructed
     assert torch.allclose(score_F, want, atol=1e-6)
 
 
+def test_edit_start_leaves_the_prompt_alone_when_asked():
+    from monosemantic.stages.steer import edit_start
+
+    assert edit_start(5, 0, steer_prompt=True) == 0
+    assert edit_start(5, 0, steer_prompt=False) == 4  # the prompt's last token picks the first new one
+    assert edit_start(5, 3, steer_prompt=False) == 1  # the window has slid 3 tokens along
+    assert edit_start(5, 10, steer_prompt=False) == 0  # the prompt has left the window
+
+
 def test_steer_stage_end_to_end(sae_export, tmp_path, capsys):
     cfg = compose_cfg("steer", [f"ckpt_path={sae_export}", "prompt='def __init__(self'", "features=[3]",
                                 "value=max", "max_new_tokens=8", "n_samples=2", "scan_tokens=4096"], tmp_path)
@@ -145,6 +154,10 @@ def test_steer_stage_end_to_end(sae_export, tmp_path, capsys):
     assert ablate["values"] == [None] and len(ablate["features"]) == 1
     with pytest.raises(ValueError, match="token="):
         steer.run(compose_cfg("steer", [f"ckpt_path={sae_export}", "token=def __init__"], tmp_path / "c"))
+    with pytest.raises(ValueError, match="repeats"):
+        steer.run(compose_cfg("steer", [f"ckpt_path={sae_export}", "features=[1,1]"], tmp_path / "e"))
+    with pytest.raises(ValueError, match="list of feature indices"):
+        steer.run(compose_cfg("steer", [f"ckpt_path={sae_export}", "features=5"], tmp_path / "f"))
     with pytest.raises(ValueError, match="value="):
         steer.run(compose_cfg("steer", [f"ckpt_path={sae_export}", "features=[1]", "value=big",
                                         "scan_tokens=1024"], tmp_path / "d"))

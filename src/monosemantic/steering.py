@@ -47,7 +47,8 @@ def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, see
             kth = logits.topk(min(top_k, logits.numel())).values[-1]
             logits = logits.masked_fill(logits < kth, -torch.inf)
         cdf = torch.softmax(logits, -1).cumsum(0)
-        ids.append(int(torch.searchsorted(cdf, u * cdf[-1]).clamp_max(len(cdf) - 1)))  # inverse-CDF sampling
+        # inverse-CDF sampling; side="right" never lands on a token of probability 0 (masked by top_k)
+        ids.append(int(torch.searchsorted(cdf, u * cdf[-1], side="right").clamp_max(len(cdf) - 1)))
     return ids[len(prompt_ids):]
 
 

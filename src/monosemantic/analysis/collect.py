@@ -98,6 +98,9 @@ class UnitStats:
 class UnitAccumulator:
     def __init__(self, name: str, n_units: int, vocab_size: int, settings: CollectSettings,
                  correlations: bool = False) -> None:
+        for key in ("n_top", "n_sample", "per_bin"):
+            if getattr(settings, key) < 1:
+                raise ValueError(f"collect.{key}={getattr(settings, key)} must be ≥ 1")
         self.name, self.U, self.V, self.s = name, n_units, vocab_size, settings
         self.C = settings.ctx_before + 1 + settings.ctx_after
         self.gen = torch.Generator().manual_seed(settings.seed)
@@ -155,7 +158,9 @@ class UnitAccumulator:
                                          check_invariants=False)
             with warnings.catch_warnings():  # "sparse CSR support is in beta": the product is checked in tests
                 warnings.simplefilter("ignore", UserWarning)
-                self.cofire += torch.sparse.mm(sp.t().coalesce(), sp).to_dense()
+                prod = torch.sparse.mm(sp.t().coalesce(), sp).coalesce()
+            ij = prod.indices()  # only the co-firing pairs: cost ∝ Σ_tokens L0², never a dense d_sae² per batch
+            self.cofire.view(-1).index_add_(0, ij[0] * self.U + ij[1], prod.values())
 
     def result(self) -> UnitStats:
         nb, k = N_BINS, self.s.per_bin
@@ -182,7 +187,8 @@ def token_windows(tokens: np.ndarray, window_len: int, batch_windows: int) -> It
 @torch.no_grad()
 def collect(mlp_acts: Callable[[torch.Tensor], torch.Tensor], tokens: np.ndarray, window_len: int,
             unit_sets: dict[str, tuple[Encode, int, bool]], vocab_size: int, settings: CollectSettings,
-            batch_windows: int = 64, progress: bool = True) -> dict[str, UnitStats]:
+            batch_windows: int = 64, progress: bool = True, device: str | torch.device = "cpu"
+            ) -> dict[str, UnitStats]:
     """Run ``mlp_acts(tokens_BT) -> [B, T, M]`` over the tiled windows of ``tokens`` and accumulate every
     unit set (``name -> (encode, n_units, gather correlations)``)."""
     from tqdm.auto import tqdm
@@ -191,11 +197,12 @@ def collect(mlp_acts: Callable[[torch.Tensor], torch.Tensor], tokens: np.ndarray
     n_windows = len(tokens) // window_len
     bar = tqdm(total=n_windows * window_len, desc="dashboard pass", unit="tok", unit_scale=True, disable=not progress)
     for tokens_BT, start in token_windows(tokens, window_len, batch_windows):
-        acts_NM = mlp_acts(tokens_BT).flatten(0, 1).float()
+        # the model and the encoders run on `device`; the accumulators keep their state on the CPU
+        acts_NM = mlp_acts(tokens_BT.to(device)).flatten(0, 1).float()
         tokens_N = tokens_BT.flatten()
         loc_N = start + torch.arange(len(tokens_N))
         for name, (encode, _, _) in unit_sets.items():
-            accs[name].update(encode(acts_NM), tokens_N, loc_N, window_len)
+            accs[name].update(encode(acts_NM).cpu(), tokens_N, loc_N, window_len)
         bar.update(len(tokens_N))
     bar.close()
     return {name: acc.result() for name, acc in accs.items()}

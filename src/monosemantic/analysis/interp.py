@@ -38,7 +38,10 @@ from monosemantic.analysis.collect import UnitStats
 @torch.no_grad()
 def direct_logit_effect(transformer: nn.Module, directions_MU: torch.Tensor) -> torch.Tensor:
     """``[U, V]`` median-shifted direct effect on the logits of unit directions ``[d_mlp, U]``."""
-    W_out_DM = transformer.blocks[-1].mlp.fc_out.weight
+    if len(transformer.blocks) != 1:
+        raise ValueError("the direct logit effect is defined here for the one-layer model (the hook's MLP is the "
+                         f"last layer); this transformer has {len(transformer.blocks)} layers")
+    W_out_DM = transformer.blocks[0].mlp.fc_out.weight
     r_DU = W_out_DM @ directions_MU.to(W_out_DM)
     r_DU = r_DU - r_DU.mean(0, keepdim=True)              # the LayerNorm's centring
     r_DU = r_DU * transformer.ln_final.weight[:, None]   # and its gain; its 1/σ is dropped (see module doc)
@@ -91,6 +94,11 @@ def proxies(stats: UnitStats, tokens: np.ndarray, next_tokens: np.ndarray, windo
     after ``tokens[i]`` in its text (-1 where unknown: such a firing counts as not followed by a promoted token).
     """
     s = settings or ProxySettings()
+    for key in ("n_tokens", "n_logit", "context"):
+        if getattr(s, key) < (0 if key == "context" else 1):
+            raise ValueError(f"proxies.{key}={getattr(s, key)} must be ≥ {0 if key == 'context' else 1}")
+    if s.n_context < 2:
+        raise ValueError(f"proxies.n_context={s.n_context} must be ≥ 2 (contexts are compared in pairs)")
     tok = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
     loc_UM, act_UM = stats.sample_loc, stats.sample_act
     eligible_U = (loc_UM >= 0).all(1)
@@ -150,7 +158,8 @@ def summarize_by_density(values: dict[str, torch.Tensor], density: torch.Tensor,
     firing rates: the SAE's features are far sparser than the neurons as a whole."""
     out = []
     for lo, hi in bands:
-        in_band = (density >= lo) & (density < hi) & values["eligible"]
+        below = density <= hi if hi >= 1.0 else density < hi  # the last band includes units firing everywhere
+        in_band = (density >= lo) & below & values["eligible"]
         row: dict = {"density_lo": lo, "density_hi": hi, "n_eligible": int(in_band.sum())}
         for name in PROXIES:
             v = values[name][in_band]

@@ -51,7 +51,7 @@ def run(cfg: DictConfig) -> dict:
     correlations = bool(cfg.correlations) and sae.d_sae <= MAX_CORRELATION_FEATURES
     if cfg.correlations and not correlations:
         log.info("most-correlated features skipped: %d features > %d", sae.d_sae, MAX_CORRELATION_FEATURES)
-    control_MC = random_directions(sae.d_in, int(cfg.n_control), settings.seed)
+    control_MC = random_directions(sae.d_in, int(cfg.n_control), settings.seed).to(cfg.device)
     b_dec = sae.b_dec.detach()
     unit_sets = {
         "features": (sae.encode, sae.d_sae, correlations),
@@ -60,11 +60,11 @@ def run(cfg: DictConfig) -> dict:
         "control": (lambda a: F.relu((a - b_dec) @ control_MC), control_MC.shape[1], False),
     }
     stats = collect(net.mlp_acts, tokens, T, unit_sets, net.cfg.vocab_size, settings,
-                    batch_windows=int(cfg.batch_windows), progress=cfg.get("progress", True))
+                    batch_windows=int(cfg.batch_windows), progress=cfg.get("progress", True), device=cfg.device)
     pass_s = time.time() - start
 
     directions = {"features": sae.W_dec.detach().T, "neurons": torch.eye(sae.d_in), "control": control_MC}
-    effects = {k: direct_logit_effect(net, d) for k, d in directions.items()}
+    effects = {k: direct_logit_effect(net, d).cpu() for k, d in directions.items()}
     psettings = ProxySettings(**cfg.proxies)
     values = {k: proxies(stats[k], tokens, next_tokens, T, effects[k], psettings) for k in stats}
     summary = {k: summarize(v) for k, v in values.items()}
@@ -78,7 +78,7 @@ def run(cfg: DictConfig) -> dict:
     tables = {k: unit_rows(stats[k], tokens, vocab, values[k]) for k in shown}
     corr = stats["features"].correlation()
     pages = {"features": unit_pages(stats["features"], tokens, T, effects["features"], settings.ctx_before,
-                                    decoder_FM=sae.W_dec.detach(), corr_FF=corr),
+                                    decoder_FM=sae.W_dec.detach().cpu(), corr_FF=corr),
              "neurons": unit_pages(stats["neurons"], tokens, T, effects["neurons"], settings.ctx_before)}
     density_png = figure_png(unit_density_figure({k: stats[k].density for k in shown}, len(tokens)))
     proxy_png = figure_png(proxy_distribution_figure(values, PROXIES))

@@ -115,5 +115,6 @@ def read_text(store: Path, n_tokens: int, window_len: int) -> tuple[np.ndarray, 
         counts[split] = take
         need -= take
     if not toks:
-        raise ValueError(f"token store {store} holds fewer than {window_len} tokens")
+        raise ValueError(f"{n_tokens} tokens asked for, fewer than one window of {window_len} (n_ctx): ask for "
+                         f"more, or the token store {store} is too small")
     return np.concatenate(toks), np.concatenate(nexts), counts

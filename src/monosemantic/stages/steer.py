@@ -5,6 +5,7 @@ the same seed. Features are chosen by index (``features=[...]``) or by a token t
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -31,6 +32,13 @@ def _value(spec, max_act: float, scale: float = 1.0) -> float | None:
         raise ValueError(f"value={spec!r} is not 'max', 'ablate' or a number") from None
 
 
+def edit_start(prompt_len: int, window_start: int, steer_prompt: bool) -> int:
+    """First position of a window (starting at ``window_start`` in the whole sequence) that is edited. With
+    ``steer_prompt`` false, the prompt is left alone except its last token, whose output picks the first new
+    token: in a one-layer model an MLP edit reaches only its own position's logits."""
+    return 0 if steer_prompt else max(0, prompt_len - 1 - window_start)
+
+
 def run(cfg: DictConfig) -> dict:
     inp = load_inputs(cfg.ckpt_path, cfg.paths.log_dir, cfg.shards, cfg.transformer, cfg.token_store, cfg.device)
     sae, net, tok = inp.sae, inp.transformer, inp.tokenizer
@@ -42,17 +50,27 @@ def run(cfg: DictConfig) -> dict:
             raise ValueError(f"token={cfg.token!r} encodes to {len(ids)} tokens {ids}; choose features by a single "
                              "token (mind the leading space)")
         token_id = ids[0]
+    if not isinstance(cfg.features, Sequence) or isinstance(cfg.features, str):
+        raise ValueError(f"features={cfg.features!r} must be a list of feature indices, e.g. features=[12]")
     if not cfg.features and token_id is None:
         raise ValueError("choose features: features=[<index>, ...] or token=<a token they fire on>")
-    text, _, by_split = read_text(inp.token_store, int(cfg.scan_tokens), inp.n_ctx)
-    log.info("scanning %s tokens (%s) for the features' maximum activations", f"{len(text):,}",
-             ", ".join(f"{v:,} {k}" for k, v in by_split.items()))
-    max_F, score_F = scan_features(net, sae, text, token_id)
     features = [int(i) for i in cfg.features]
     for i in features:
         if not 0 <= i < sae.d_sae:
             raise ValueError(f"features: {i} is not a feature index (the SAE has {sae.d_sae})")
+    if len(set(features)) != len(features):
+        raise ValueError(f"features={features} repeats an index (each would add its edit again)")
+    if float(cfg.temperature) < 0:
+        raise ValueError(f"temperature={cfg.temperature} must be ≥ 0 (0: greedy)")
+    _value(cfg.value, 1.0)  # a bad value= fails before the scan
+    text, _, by_split = read_text(inp.token_store, int(cfg.scan_tokens), inp.n_ctx)
+    log.info("scanning %s tokens (%s) for the features' maximum activations", f"{len(text):,}",
+             ", ".join(f"{v:,} {k}" for k, v in by_split.items()))
+    max_F, score_F = scan_features(net, sae, text, token_id)
     if token_id is not None:
+        if float(score_F.max()) <= 0:
+            raise ValueError(f"token={cfg.token!r}: no feature fires on it in the {len(text):,} scanned tokens "
+                             "(raise scan_tokens=, or choose features=[...])")
         best = score_F.topk(int(cfg.n_features)).indices.tolist()
         log.info("features most specific to %r: %s", cfg.token,
                  ", ".join(f"{i} (score {float(score_F[i]):.3f}, max {float(max_F[i]):.3g})" for i in best))
@@ -63,8 +81,7 @@ def run(cfg: DictConfig) -> dict:
             log.warning("feature %d never fired on the scanned text: value=max pins it to 0", i)
 
     def hook(window_start: int):
-        # the prompt's own positions are left alone unless steer_prompt; the window may have slid past it
-        start = 0 if cfg.steer_prompt else max(0, len(prompt_ids) - window_start)
+        start = edit_start(len(prompt_ids), window_start, bool(cfg.steer_prompt))
         return pin_features(sae, features, values, keep_error=cfg.keep_error, start=start)
 
     rows = []
