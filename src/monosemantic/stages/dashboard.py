@@ -35,9 +35,9 @@ log = logging.getLogger(__name__)
 MAX_CORRELATION_FEATURES = 16_384  # a dense [F, F] correlation table beyond this would not fit comfortably
 
 
+@torch.no_grad()  # scoped to the stage; a global switch would leak into whatever runs next in the process
 def run(cfg: DictConfig) -> dict:
     start = time.time()
-    torch.set_grad_enabled(False)
     inp = load_inputs(cfg.ckpt_path, cfg.paths.log_dir, cfg.shards, cfg.transformer, cfg.token_store, cfg.device)
     sae, net, T = inp.sae, inp.transformer, inp.n_ctx
     tokens, next_tokens, by_split = read_text(inp.token_store, int(cfg.n_tokens), T)

@@ -41,8 +41,7 @@ class ReadingInputs:
 
 def latest_export(log_dir: str | Path) -> Path:
     """The newest SAE export under ``logs/`` (``<task>/runs/<stamp>/export``, also inside multiruns)."""
-    found = sorted(Path(log_dir).glob("*/*/*/export/cfg.json"), key=lambda p: p.stat().st_mtime)
-    found += sorted(Path(log_dir).glob("*/multiruns/*/*/export/cfg.json"), key=lambda p: p.stat().st_mtime)
+    found = [*Path(log_dir).glob("*/*/*/export/cfg.json"), *Path(log_dir).glob("*/multiruns/*/*/export/cfg.json")]
     if not found:
         raise FileNotFoundError(f"ckpt_path=latest: no SAE export under {log_dir} (none of "
                                 "<task>/runs/<stamp>/export/cfg.json): run `make train`, or pass ckpt_path=<export "
