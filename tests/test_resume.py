@@ -10,6 +10,7 @@ import torch
 
 from monosemantic.callbacks.resampler import NeuronResampler
 from monosemantic.data.activation_datamodule import ActivationDataModule
+from monosemantic.data.onthefly import OnTheFlyDataModule
 from monosemantic.models.sae_module import SAEModule
 
 
@@ -55,7 +56,7 @@ class _Recorder(L.Callback):
             trainer.should_stop = True
 
 
-def _fit(shards, max_steps, root, ckpt_path=None, stop_at=None):
+def _fit(shards, max_steps, root, ckpt_path=None, stop_at=None, make_dm=None):
     torch.manual_seed(0)
     module = SAEModule(d_sae=32, l1_coeff=0.01, optimizer=functools.partial(torch.optim.Adam, lr=1e-3), d_in=64,
                        b_dec_init="zeros", dead_window_tokens=64)
@@ -63,15 +64,24 @@ def _fit(shards, max_steps, root, ckpt_path=None, stop_at=None):
     trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, default_root_dir=root,
                         callbacks=[rec, L.pytorch.callbacks.ModelCheckpoint(dirpath=root, save_last=True)])
-    trainer.fit(module, datamodule=_dm(shards), ckpt_path=ckpt_path)
+    trainer.fit(module, datamodule=(make_dm or _dm)(shards), ckpt_path=ckpt_path)
     return module, rec.sums
 
 
-def test_resumed_run_equals_uninterrupted_run(tiny_shards, tmp_path):
-    straight, seen = _fit(tiny_shards, 8, tmp_path / "a")
-    _, first = _fit(tiny_shards, 8, tmp_path / "b", stop_at=4)
+def _on_the_fly(model_dir):
+    dm = OnTheFlyDataModule(model_dir=str(model_dir), n_contexts=96, tokens_per_context=8, contexts_per_block=16,
+                            batch_size=32, buffer_tokens=128, lr_windows=0, seed=3, device="cpu")
+    dm.setup()
+    return dm
+
+
+@pytest.mark.parametrize("source", ["cache", "on_the_fly"])
+def test_resumed_run_equals_uninterrupted_run(tiny_shards, transformer_export, tmp_path, source):
+    src, make = (tiny_shards, None) if source == "cache" else (transformer_export, _on_the_fly)
+    straight, seen = _fit(src, 8, tmp_path / "a", make_dm=make)
+    _, first = _fit(src, 8, tmp_path / "b", stop_at=4, make_dm=make)
     assert len(first) == 4
-    resumed, rest = _fit(tiny_shards, 8, tmp_path / "b", ckpt_path=str(tmp_path / "b" / "last.ckpt"))
+    resumed, rest = _fit(src, 8, tmp_path / "b", ckpt_path=str(tmp_path / "b" / "last.ckpt"), make_dm=make)
     assert first + rest == pytest.approx(seen, rel=0, abs=0)  # the same 8 batches, none twice
     for name, p in straight.sae.named_parameters():
         torch.testing.assert_close(resumed.sae.state_dict()[name], p, rtol=1e-5, atol=1e-6, msg=name)

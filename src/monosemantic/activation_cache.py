@@ -33,6 +33,7 @@ import torch
 import webdataset as wds
 from tqdm.auto import tqdm
 
+from monosemantic.data.contexts import block_positions, context_starts
 from monosemantic.data.shards.format import FORMAT, VERSION, decode_context, row_norms, scale_from_norms, shard_name
 from monosemantic.data.shards.writer import SampleBatch, TarShardWriter, aligned_zeros
 from monosemantic.data.token_store import load_split
@@ -91,24 +92,10 @@ def _check_identity(out_dir: Path, identity: dict) -> None:
                          "Choose another out_dir, or leave out_dir unset: the default directory is keyed by both.")
 
 
-def context_starts(n_tokens: int, n_ctx: int, n_contexts: int, seed: int) -> np.ndarray:
-    tiles = np.arange(0, n_tokens - n_ctx + 1, n_ctx)
-    if n_contexts > len(tiles):
-        raise ValueError(f"n_contexts={n_contexts} but the token split holds only {len(tiles)} "
-                         f"non-overlapping contexts of {n_ctx} tokens (contexts are never repeated)")
-    return np.random.default_rng(seed).permutation(tiles)[:n_contexts]
-
-
 def shard_positions(shard_index: int, n: int, n_ctx: int, k: int, seed: int) -> np.ndarray:
-    """``[n, k]``: for each of a shard's ``n`` contexts, ``k`` distinct positions in ascending order, drawn
-    from a generator seeded by (seed, shard): a resumed run (which restarts at a shard) draws the same.
-    Every position, without drawing, when ``k == n_ctx``."""
-    if k > n_ctx:
-        raise ValueError(f"tokens_per_context={k} exceeds n_ctx={n_ctx}")
-    if k == n_ctx:
-        return np.broadcast_to(np.arange(n_ctx), (n, n_ctx))
-    rng = np.random.default_rng([seed, shard_index])
-    return np.sort(np.argsort(rng.random((n, n_ctx)), axis=1)[:, :k], axis=1)
+    """``[n, k]`` sorted distinct positions for each of a shard's ``n`` contexts (a shard is one block of
+    :func:`monosemantic.data.contexts.block_positions`, pass 0)."""
+    return block_positions(shard_index, n, n_ctx, k, seed)
 
 
 def gather_positions(acts_BTM: torch.Tensor, pos_BK: torch.Tensor) -> torch.Tensor:

@@ -33,15 +33,15 @@ from monosemantic.models.transformer_module import load_transformer
 
 
 def splice_transformer(dm, device: str | torch.device = "cpu") -> tuple[nn.Module | None, str | None]:
-    """The frozen transformer an ``ActivationDataModule``'s shard set names, for the splice; or None and why:
+    """The frozen transformer an activation datamodule's source (shard set or on-the-fly model) names, for the splice; or None and why:
     no loadable transformer there, or not the one that wrote the set (its weights changed since)."""
     ckpt = (dm.manifest.get("model") or {}).get("checkpoint")
     if not ckpt or not Path(ckpt, "model.safetensors").is_file():
-        return None, f"shard set {dm.shards_dir} names no loadable transformer ({ckpt!r})"
-    identity = Path(dm.shards_dir) / "cache_identity.json"
+        return None, f"activation source {dm.source} names no loadable transformer ({ckpt!r})"
+    identity = Path(dm.source) / "cache_identity.json"  # a shard set's record of its model
     recorded = json.loads(identity.read_text()).get("model_sha256") if identity.is_file() else None
     if recorded and recorded != hashlib.sha256(Path(ckpt, "model.safetensors").read_bytes()).hexdigest():
-        return None, (f"the transformer at {ckpt} is not the one that wrote shard set {dm.shards_dir} "
+        return None, (f"the transformer at {ckpt} is not the one that wrote shard set {dm.source} "
                       "(its weights changed since): the splice would measure another model")
     return load_transformer(ckpt, device)[0], None
 

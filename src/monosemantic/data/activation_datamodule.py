@@ -2,7 +2,8 @@
 
 - Training: an endless, token-shuffled :class:`~monosemantic.data.shards.reader.ActivationStream` over the
   manifest's shards but the last ``val_shards`` (each pass re-orders the shards with ``seed + pass``);
-  ``max_steps`` bounds training, so ranks never disagree on when an epoch ends.
+  ``max_steps`` bounds training, so ranks never disagree on when an epoch ends. A resume starts at the
+  chunk it stopped in (O(1): nothing already trained on is read again).
 - Validation: the held-out shards once, in order, and held-out token windows for loss recovered when the
   set came from text (the token store its manifest names).
 - Batches are float32 ``[batch, d_in]``, multiplied by the normalisation scale (mean norm √d_in).
@@ -18,6 +19,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from monosemantic.data.chunks import STREAM_STATE, check_stream_state
 from monosemantic.data.shards.format import ShardSetError, norm_scale, read_manifest
 from monosemantic.data.shards.reader import ActivationStream, SkippedShards
 from monosemantic.data.token_datamodule import TokenWindows, tiled_starts
@@ -58,6 +60,11 @@ class ActivationDataModule(L.LightningDataModule):
         if self.hparams.shards is None:
             raise ShardSetError("data.shards is not set: name a shard-set directory (data.shards=<dir>)")
         return Path(self.hparams.shards)
+
+    @property
+    def source(self) -> str:
+        """Where the activations come from (recorded in metrics.json and the export)."""
+        return str(self.shards_dir)
 
     @property
     def d_in(self) -> int:
@@ -118,13 +125,16 @@ class ActivationDataModule(L.LightningDataModule):
         return self._loader(self.stream("train", skip_batches=self._resume_batches))
 
     def state_dict(self) -> dict[str, Any]:
-        """Saved in checkpoints: how many batches this rank's training stream has delivered (one per step)."""
+        """Saved in checkpoints: how many batches this rank's training stream has delivered (one per step);
+        where the next one comes from is arithmetic on the shards' row counts (``data/chunks.py``)."""
         trainer = getattr(self, "trainer", None)
-        return {"train_batches": int(trainer.global_step) if trainer is not None else self._resume_batches}
+        return {"train_batches": int(trainer.global_step) if trainer is not None else self._resume_batches,
+                "stream": STREAM_STATE}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restored by Lightning before the dataloaders are built, so a resumed run continues the stream."""
-        self._resume_batches = int(state_dict.get("train_batches", 0))
+        """Restored by Lightning before the dataloaders are built: the resumed stream skips the shards already
+        trained on without reading them and loads only the chunk it resumes in."""
+        self._resume_batches = check_stream_state(state_dict)
 
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
         lr = self.lr_loader()

@@ -1,9 +1,12 @@
 """Reading a shard set: a webdataset stream of activation batches, shuffled at the token level.
 
-- Shards are split by node and by DataLoader worker (``wds.split_by_node`` / ``wds.split_by_worker``),
-  so in one pass every token is read exactly once across ranks × workers.
-- A shuffle buffer measured in *tokens* mixes rows from many contexts before batching (paper: "shuffled
-  across contexts"); a batch of 4,096 from a 262,144-token buffer draws from hundreds of contexts.
+- Shards are the units of a :class:`~monosemantic.data.chunks.ChunkedStream`: each pass orders them with
+  ``seed + pass`` and every rank × DataLoader worker takes its own, so in one pass every token is read exactly
+  once across ranks × workers.
+- A chunk of whole shards (at least ``buffer_tokens`` rows) is shuffled at the token level before batching
+  (paper: "shuffled across contexts"): a batch of 4,096 from a 262,144-row chunk of 128-token contexts draws
+  from ~1,500 of its 2,048 contexts. Where a batch comes from is arithmetic on the manifest's row counts, so a
+  resumed run skips the shards already trained on without reading them (O(1) resume).
 - Local shards are read through a 1 MiB buffer and dropped from the page cache as they are read
   (:mod:`.pagecache`); any other url goes through webdataset's own opener (``pipe:``, HTTP, object stores).
 - A damaged shard stops the stream with a :class:`ShardSetError` naming it, or with ``skip_corrupt`` is
@@ -23,13 +26,12 @@ import random
 import re
 import zlib
 from collections.abc import Iterator
-from typing import Any
 
 import numpy as np
 import torch
 import webdataset as wds
-from torch.utils.data import IterableDataset
 
+from monosemantic.data.chunks import ChunkedStream, RowBuffer
 from monosemantic.data.shards import pagecache
 from monosemantic.data.shards.format import ShardSetError, decode_context
 
@@ -93,40 +95,6 @@ def _open_shards(urls: Iterator[dict], handler, drop_page_cache: bool = True) ->
             yield {**sample, "stream": stream}
 
 
-class _RowBuffer:
-    """The token-level shuffle buffer: rows appended in place (no per-refill concatenation or permuted
-    copy of the whole buffer: on the dev VM those fresh 134 MB allocations cost ~7 ms per 4,096-row
-    batch), and the rows kept for the next round compacted into a second buffer that is then swapped in."""
-
-    def __init__(self, capacity: int, d_in: int, dtype: np.dtype, with_ids: bool) -> None:
-        tdtype = torch.from_numpy(np.empty(0, dtype)).dtype
-        self.acts, self._spare = (torch.empty(capacity, d_in, dtype=tdtype) for _ in range(2))
-        self.ids = torch.empty(capacity, dtype=torch.int64) if with_ids else None
-        self.n = 0
-
-    def append(self, acts: np.ndarray, ctx_id: int) -> None:
-        r = len(acts)
-        if self.n + r > len(self.acts):  # a context longer than the first: grow (rare)
-            grow = max(self.n + r, len(self.acts) * 3 // 2)
-            self.acts = torch.cat([self.acts[: self.n], self.acts.new_empty(grow - self.n, self.acts.shape[1])])
-            self._spare = torch.empty_like(self.acts)
-            if self.ids is not None:
-                self.ids = torch.cat([self.ids[: self.n], self.ids.new_empty(grow - self.n)])
-        self.acts[self.n : self.n + r].numpy()[:] = acts
-        if self.ids is not None:
-            self.ids[self.n : self.n + r] = ctx_id
-        self.n += r
-
-    def keep(self, rows: torch.Tensor) -> None:
-        """Keep only ``rows`` (in that order) at the front."""
-        m = len(rows)
-        torch.index_select(self.acts, 0, rows, out=self._spare[:m])
-        self.acts, self._spare = self._spare, self.acts
-        if self.ids is not None:
-            self.ids[:m] = self.ids.index_select(0, rows)
-        self.n = m
-
-
 class SkippedShards:
     """Which shards of a set were skipped as damaged, by any stream over the set, in any DataLoader worker:
     one shared flag per shard (a damaged shard counts once, however often it is read) and a count of the
@@ -158,12 +126,15 @@ class SkippedShards:
         return torch.tensor([*self.flags[: len(self.urls)], self.unattributed.value], dtype=torch.int64)
 
 
-class ActivationStream(IterableDataset):
-    """Batches of activations from tar shards. ``with_ids`` also yields each row's context id (for tests).
+class ActivationStream(ChunkedStream):
+    """Batches of activations from tar shards, chunk by chunk (:mod:`monosemantic.data.chunks`: a shard is a
+    unit; each pass re-orders the shards with ``seed + pass``, then every rank × worker slot takes its own).
+    ``with_ids`` also yields each row's context id (for tests).
 
-    ``shard_tokens`` (url → rows, from the manifest) lets a shard that ends early be caught: a tar cut at a
-    512-byte block boundary reads as a clean end of archive. ``split_nodes=False`` reads the same shards on
-    every rank (for estimates that all ranks must share).
+    ``shard_tokens`` (url → rows, from the manifest) gives the plan its row counts and lets a shard that ends
+    early be caught: a tar cut at a 512-byte block boundary reads as a clean end of archive. Without it every
+    shard is planned as holding as many rows as the first one read. ``split_nodes=False`` reads the same shards
+    on every rank (for estimates that all ranks must share). ``buffer_tokens``: rows per chunk (at least).
     """
 
     def __init__(self, urls: list[str], d_in: int, batch_size: int, buffer_tokens: int = 0, scale: float = 1.0,
@@ -172,20 +143,40 @@ class ActivationStream(IterableDataset):
                  shard_tokens: dict[str, int] | None = None, split_nodes: bool = True,
                  skip_batches: int = 0, drop_page_cache: bool = True,
                  skipped: SkippedShards | None = None) -> None:
-        super().__init__()
         if not urls:
             raise ShardSetError("no shards to stream")
-        self.urls, self.d_in, self.batch_size = list(urls), d_in, batch_size
-        self.buffer_tokens = max(buffer_tokens, batch_size) if shuffle else batch_size
-        self.scale, self.seed, self.shuffle, self.infinite = scale, seed, shuffle, infinite
-        self.drop_last, self.skip_corrupt, self.with_ids = drop_last, skip_corrupt, with_ids
-        self.shard_tokens, self.split_nodes = dict(shard_tokens or {}), split_nodes
-        self.skip_batches = skip_batches  # batches of this rank's stream already trained on (resume)
-        self.drop_page_cache = drop_page_cache
+        super().__init__(batch_size, buffer_tokens if shuffle else batch_size, scale, seed, shuffle, infinite,
+                         drop_last, with_ids, split_nodes, skip_batches)
+        self.urls, self.d_in = list(urls), d_in
+        self.skip_corrupt, self.drop_page_cache = skip_corrupt, drop_page_cache
+        self.shard_tokens = dict(shard_tokens or {})
         # shared with the DataLoader's workers (they run copies of this stream) and the datamodule's other
         # streams, so the process that trains can report which shards were skipped
         self.skipped = skipped if skipped is not None else SkippedShards(self.urls)
-        self._reported: set[str] = set()  # shards already reported this pass (one problem, one count)
+        self._reported: set[str] = set()  # shards already reported (one problem, one count)
+
+    def units(self, pass_index: int) -> list[tuple[str, int]]:
+        urls = list(self.urls)
+        if self.shuffle:
+            random.Random(self.seed + pass_index).shuffle(urls)  # same order on every rank, then split
+        if any(u not in self.shard_tokens for u in urls):  # a set without row counts: measure the first shard
+            first = sum(len(a) for a, _ in self._contexts(urls[:1]))
+            self.shard_tokens = {u: self.shard_tokens.get(u, first) for u in self.urls}
+        return [(u, int(self.shard_tokens[u])) for u in urls]
+
+    def check_slots(self, n_units: int, n_slots: int) -> None:
+        if n_units < n_slots:
+            raise ShardSetError(f"{n_units} training shards cannot feed {n_slots} ranks × workers; "
+                                "cache more shards (smaller contexts_per_shard) or use fewer workers")
+
+    def load(self, units: list[str], pass_index: int) -> RowBuffer | None:
+        buf = None
+        for acts, ctx_id in self._contexts(units):
+            if buf is None:  # in the shards' dtype (float16: half the memory)
+                rows = sum(self.shard_tokens.get(u, len(acts)) for u in units)
+                buf = self.row_buffer(rows, acts.shape[1], torch.from_numpy(acts[:0]).dtype)
+            buf.append(acts, ctx_id)
+        return buf
 
     def _handler(self, exn: Exception, url: str | None = None) -> bool:
         where = url or _shard_in(exn)
@@ -213,14 +204,13 @@ class ActivationStream(IterableDataset):
                                     "it is truncated or corrupt"), url)
 
     def _contexts(self, urls: list[str]) -> Iterator[tuple[np.ndarray, int]]:
-        self._reported = set()
         # webdataset's ``tarfile_to_samples`` with our opener (wds.gopen for any url that is not a file)
         local = not any("://" in u or u.startswith("pipe:") for u in urls)
         opener = (functools.partial(_open_shards, handler=self._handler, drop_page_cache=self.drop_page_cache)
                   if local else functools.partial(wds.tariterators.url_opener, handler=self._handler))
         pipeline = wds.DataPipeline(
-            wds.SimpleShardList(urls), *([wds.split_by_node] if self.split_nodes else []), wds.split_by_worker,
-            opener, functools.partial(wds.tariterators.tar_file_expander, handler=self._handler),
+            wds.SimpleShardList(urls), opener,
+            functools.partial(wds.tariterators.tar_file_expander, handler=self._handler),
             functools.partial(wds.tariterators.group_by_keys, handler=self._handler),
         )
         url, n_rows = None, 0  # rows read from the current shard (a worker reads each shard whole)
@@ -238,60 +228,3 @@ class ActivationStream(IterableDataset):
             ctx_id = int(key) if key.isdigit() else zlib.crc32(f"{sample.get('__url__')}/{key}".encode())
             yield acts, ctx_id
         self._check_shard_size(url, n_rows)
-
-    def _emit(self, buf: _RowBuffer, order: torch.Tensor) -> Iterator[Any]:
-        """Batches of the buffer's rows in ``order`` (fresh float32 tensors, scaled)."""
-        for b in range(0, len(order), self.batch_size):
-            rows = order[b : b + self.batch_size]
-            x = buf.acts.index_select(0, rows).float()  # a copy: the buffer is refilled while x is in use
-            if self.scale != 1.0:
-                x.mul_(self.scale)
-            yield (x, buf.ids.index_select(0, rows)) if buf.ids is not None else x
-
-    def _order(self, n: int, gen: torch.Generator) -> torch.Tensor:
-        """The order the buffer's ``n`` rows leave in: shuffled for training, as read otherwise."""
-        return torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
-
-    def _one_pass(self, pass_index: int) -> Iterator[Any]:
-        rank, world, worker, n_workers = wds.utils.pytorch_worker_info()
-        urls = list(self.urls)
-        if self.shuffle:
-            random.Random(self.seed + pass_index).shuffle(urls)  # same order on every rank, then split
-        if self.infinite and len(urls) < world * n_workers:
-            raise ShardSetError(f"{len(urls)} training shards cannot feed {world} ranks × {n_workers} workers; "
-                                "cache more shards (smaller contexts_per_shard) or use fewer workers")
-        gen = torch.Generator().manual_seed(hash((self.seed, pass_index, rank, worker)) % 2**62)
-        buf = None
-        for acts, ctx_id in self._contexts(urls):
-            if buf is None:  # allocated once per pass, in the shards' dtype (float16: half the memory)
-                buf = _RowBuffer(self.buffer_tokens + len(acts), acts.shape[1], acts.dtype, self.with_ids)
-            buf.append(acts, ctx_id)
-            if buf.n >= self.buffer_tokens:
-                order = self._order(buf.n, gen)
-                # emit all but half a buffer, which stays to mix with the next contexts
-                keep = self.buffer_tokens // 2 if self.shuffle else 0
-                n_out = (buf.n - keep) // self.batch_size * self.batch_size
-                yield from self._emit(buf, order[:n_out])
-                buf.keep(order[n_out:])
-        if buf is not None and buf.n:
-            order = self._order(buf.n, gen)
-            n_out = buf.n // self.batch_size * self.batch_size if self.drop_last else buf.n
-            yield from self._emit(buf, order[:n_out])
-
-    def __iter__(self) -> Iterator[Any]:
-        # On resume, replay this rank's stream (it is deterministic for the seed) without yielding the
-        # batches already trained on: nothing is seen twice or skipped. A DataLoader takes batches from its
-        # workers in turn, so worker w of k owns batches w, w+k, …; it always starts at worker 0, so with k
-        # workers the order within a round of k batches may differ from the original run's.
-        _, _, worker, n_workers = wds.utils.pytorch_worker_info()
-        to_skip = max(0, -(-(self.skip_batches - worker) // n_workers))
-        pass_index = 0
-        while True:
-            for batch in self._one_pass(pass_index):
-                if to_skip:
-                    to_skip -= 1
-                    continue
-                yield batch
-            if not self.infinite:
-                return
-            pass_index += 1
