@@ -215,3 +215,82 @@ def test_gpt2_bpe_loads_offline_with_its_known_ids(data_root, tmp_path):
                               tmp_path, val_fraction=0.1)
     meta = read_meta(store)
     assert (meta["vocab_size"], meta["eot_token"], meta["dtype"]) == (50257, 50256, "uint16")
+
+
+def _jsonl_corpus(tmp_path, n_files: int = 60) -> str:
+    """A jsonl corpus of real text written by others: docstring-heavy modules of the standard library."""
+    import sysconfig
+    from pathlib import Path
+
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:n_files]
+    path = tmp_path / "corpus.jsonl"
+    with open(path, "w") as f:
+        for p in files:
+            f.write(json.dumps({"text": p.read_text(errors="replace"), "source": p.name}) + "\n")
+    return str(path)
+
+
+SMALL_TOK = TokenizerConfig(vocab_size=384, train_bytes=200_000)
+FAST = {"checkpoint_bytes": 50_000, "encode_batch": 4}  # several checkpoints in a small corpus
+
+
+def test_streamed_tokenization_equals_the_non_streamed_store(tmp_path):
+    data_files = _jsonl_corpus(tmp_path)
+    stores = {}
+    for streaming in (False, True):
+        cfg = CorpusConfig(kind="files", builder="json", data_files=data_files, streaming=streaming)
+        stores[streaming] = build_token_store(cfg, SMALL_TOK, tmp_path / f"d{streaming}", val_fraction=0.1,
+                                              **FAST, progress=False)
+    a, b = stores[False], stores[True]
+    assert a.name == b.name  # streaming reads the same corpus: the same store key
+    for f in ("train.bin", "val.bin", "tokenizer.json"):
+        assert (a / f).read_bytes() == (b / f).read_bytes(), f
+    ma, mb = read_meta(a), read_meta(b)
+    assert ma["n_tokens"] == mb["n_tokens"] and ma["n_tokens"]["val"] > 0
+    assert not (b / "progress.json").exists()
+
+
+def test_a_killed_tokenization_resumes_into_the_same_store(tmp_path, monkeypatch):
+    import monosemantic.data.token_store as ts
+
+    data_files = _jsonl_corpus(tmp_path)
+    cfg = CorpusConfig(kind="files", builder="json", data_files=data_files, streaming=True)
+    whole = build_token_store(cfg, SMALL_TOK, tmp_path / "whole", val_fraction=0.1, **FAST,
+                              progress=False)
+    real, calls = ts.write_json_atomic, []
+
+    def dying(path, obj):
+        if path.name == "progress.json":
+            calls.append(obj["doc_index"])
+            if len(calls) == 3:  # killed after the files were synced past the second record
+                raise KeyboardInterrupt
+        real(path, obj)
+
+    monkeypatch.setattr(ts, "write_json_atomic", dying)
+    with pytest.raises(KeyboardInterrupt):
+        build_token_store(cfg, SMALL_TOK, tmp_path / "killed", val_fraction=0.1, **FAST,
+                          progress=False)
+    partial = tmp_path / "killed" / "tokens" / f".{whole.name}.partial"
+    assert json.loads((partial / "progress.json").read_text())["doc_index"] == calls[1]
+    recorded = json.loads((partial / "progress.json").read_text())["counts"]["train"]
+    assert (partial / "train.bin").stat().st_size > 2 * recorded  # tokens written after the record: cut on resume
+    monkeypatch.setattr(ts, "write_json_atomic", real)
+    resumed = build_token_store(cfg, SMALL_TOK, tmp_path / "killed", val_fraction=0.1, **FAST,
+                                progress=False)
+    for f in ("train.bin", "val.bin", "tokenizer.json"):
+        assert (resumed / f).read_bytes() == (whole / f).read_bytes(), f
+    assert not partial.exists()
+
+
+def test_bpe_learns_from_training_documents_only(tmp_path):
+    data_files = _jsonl_corpus(tmp_path, n_files=30)
+    tok = TokenizerConfig(vocab_size=384, train_bytes=None)
+    store = build_token_store(CorpusConfig(kind="files", builder="json", data_files=data_files), tok,
+                              tmp_path / "d", val_fraction=0.2, progress=False)
+    meta = read_meta(store)
+    assert meta["tokenizer_sample"]["docs"] == meta["n_docs"]["train"]  # all training docs, no held-out one
+    docs = list(Corpus(CorpusConfig(kind="files", builder="json", data_files=data_files), tmp_path).documents())
+    expected = train_bpe([d for i, d in enumerate(docs) if i % 5 != 0], 384)
+    assert load_tokenizer(store / "tokenizer.json").get_vocab() == expected.get_vocab()
+    with_val = train_bpe(docs, 384)
+    assert with_val.get_vocab() != expected.get_vocab()  # the held-out docs would have changed it

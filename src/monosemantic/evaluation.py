@@ -33,8 +33,9 @@ from monosemantic.models.transformer_module import load_transformer
 
 
 def splice_transformer(dm, device: str | torch.device = "cpu") -> tuple[nn.Module | None, str | None]:
-    """The frozen transformer an activation datamodule's source (shard set or on-the-fly model) names, for the splice; or None and why:
-    no loadable transformer there, or not the one that wrote the set (its weights changed since)."""
+    """The frozen transformer an activation datamodule's source (shard set or on-the-fly model) names, for the
+    splice; or None and why: no loadable transformer there, or not the one that wrote the set (its weights
+    changed since)."""
     ckpt = (dm.manifest.get("model") or {}).get("checkpoint")
     if not ckpt or not Path(ckpt, "model.safetensors").is_file():
         return None, f"activation source {dm.source} names no loadable transformer ({ckpt!r})"

@@ -11,6 +11,10 @@ from it. Kinds:
   code and docstrings, used by the tests.
 - ``files``: local ``text``/``json``/``parquet`` files (``data_files`` glob or list).
 - ``hub``: a dataset on the Hugging Face hub, streamed (``streaming=True``) and cut at ``max_bytes``.
+
+Any kind can be read as a stream (``streaming``; the hub always is): the documents, and so the token store,
+are the same either way. :class:`CorpusReader` keeps the reading position (rows read, text read, and for a
+stream ``datasets``' own ``state_dict``), so a tokenization that was stopped goes on where it was.
 """
 
 from __future__ import annotations
@@ -51,6 +55,8 @@ class CorpusConfig:
     text_field: str = "text"
     # cap on the text read (hub corpora are endless); None reads all
     max_bytes: int | None = None
+    # read as a stream (datasets' IterableDataset) instead of an Arrow table; hub corpora always stream
+    streaming: bool = False
     extensions: list[str] = field(default_factory=lambda: [".rst", ".txt"])
 
 
@@ -123,14 +129,15 @@ class Corpus:
         self._load_args: dict = {}
         if cfg.kind in ("linux_doc", "python_stdlib"):
             path, self.info = _materialize(cfg, self.cache_dir)
-            self._load_args = {"path": "json", "data_files": str(path), "split": "train"}
+            self._load_args = {"path": "json", "data_files": str(path), "split": "train",
+                               "streaming": cfg.streaming}
         elif cfg.kind == "files":
             if not cfg.data_files:
                 raise CorpusError("data.corpus.kind=files needs data.corpus.data_files (a glob or list)")
             files = sorted(glob.glob(cfg.data_files)) if isinstance(cfg.data_files, str) else list(cfg.data_files)
             if not files:
                 raise CorpusError(f"data.corpus.data_files={cfg.data_files!r} matches no file")
-            self._load_args = {"path": cfg.builder, "data_files": files, "split": "train"}
+            self._load_args = {"path": cfg.builder, "data_files": files, "split": "train", "streaming": cfg.streaming}
             digest = hashlib.sha256()
             for f in files:
                 digest.update(_sha256(Path(f)).encode())
@@ -147,22 +154,51 @@ class Corpus:
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(self.info, sort_keys=True).encode()).hexdigest()[:16]
 
-    def documents(self) -> Iterator[str]:
+    def load(self):
+        """The ``datasets`` dataset (an ``IterableDataset`` when streaming)."""
         import datasets  # imported here: a cold import costs seconds
 
         try:
-            ds = datasets.load_dataset(**self._load_args)
+            return datasets.load_dataset(**self._load_args)
         except Exception as e:  # datasets raises many types; name what we tried to load
             raise CorpusError(f"could not load corpus {self._load_args}: {e}") from e
-        total = 0
-        for row in ds:
-            if self.cfg.text_field not in row:
-                raise CorpusError(f"corpus rows have no field {self.cfg.text_field!r} "
-                                  f"(fields: {sorted(row)}); set data.corpus.text_field")
-            text = row[self.cfg.text_field]
+
+    def documents(self) -> Iterator[str]:
+        return iter(CorpusReader(self))
+
+
+class CorpusReader:
+    """A corpus's non-empty documents in order, from a position (:meth:`state`) that resumes exactly."""
+
+    def __init__(self, corpus: Corpus, state: dict | None = None) -> None:
+        import datasets
+
+        self.corpus, self.ds = corpus, corpus.load()
+        state = state or {}
+        self.rows, self.chars = int(state.get("rows", 0)), int(state.get("chars", 0))
+        self.streaming = isinstance(self.ds, datasets.IterableDataset)
+        if self.rows:
+            if self.streaming:
+                self.ds.load_state_dict(state["dataset"])  # datasets' own position: no re-reading
+            else:
+                self.ds = self.ds.skip(self.rows)
+
+    def state(self) -> dict:
+        """Where the reader is: after the last document it yielded."""
+        return {"rows": self.rows, "chars": self.chars,
+                "dataset": self.ds.state_dict() if self.streaming else None}
+
+    def __iter__(self) -> Iterator[str]:
+        cfg = self.corpus.cfg
+        for row in self.ds:
+            self.rows += 1
+            if cfg.text_field not in row:
+                raise CorpusError(f"corpus rows have no field {cfg.text_field!r} (fields: {sorted(row)}); "
+                                  "set data.corpus.text_field")
+            text = row[cfg.text_field]
             if not text:
                 continue
+            self.chars += len(text)  # before the yield: a state taken while suspended counts this document
             yield text
-            total += len(text)
-            if self.cfg.max_bytes is not None and total >= self.cfg.max_bytes:
-                break
+            if cfg.max_bytes is not None and self.chars >= cfg.max_bytes:
+                return

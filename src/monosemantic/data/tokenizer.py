@@ -25,6 +25,9 @@ class TokenizerConfig:
     kind: str = "bpe"  # "bpe" (trained on the corpus) or "gpt2"
     vocab_size: int = 4096
     min_frequency: int = 2
+    # the BPE is trained on the first this-many bytes of *training* documents (held-out ones are skipped);
+    # None: all of them
+    train_bytes: int | None = 100_000_000
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:

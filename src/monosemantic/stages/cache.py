@@ -11,12 +11,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
-from monosemantic.activation_cache import CacheSettings, cache_dir_for, check_identity, write_activation_cache
-from monosemantic.stages import artifacts
+from monosemantic.activation_cache import CacheSettings, check_identity, write_activation_cache
+from monosemantic.stages import artifacts, preflight
 from monosemantic.stages import transformer as transformer_stage
-from monosemantic.stages.compose import compose_stage, shared_overrides, upstream_dir
+from monosemantic.stages.compose import cache_config
 from monosemantic.stages.summary import print_ledger
 
 log = logging.getLogger(__name__)
@@ -26,8 +26,7 @@ def ensure(cfg: DictConfig, ledger: artifacts.Ledger | None = None) -> Path:
     """The shard set a ``cache_activations`` config describes; built (with its transformer) if missing."""
     model_dir = Path(cfg.model_dir) if cfg.model_dir else transformer_stage.ensure(cfg, ledger)
     settings = CacheSettings(**OmegaConf.to_container(cfg.settings, resolve=True))
-    out_dir = Path(cfg.out_dir) if cfg.out_dir else cache_dir_for(model_dir, settings,
-                                                                   Path(cfg.paths.data_dir) / "activations")
+    out_dir = preflight.cache_out_dir(cfg, model_dir)
 
     def build() -> None:
         write_activation_cache(model_dir, out_dir, settings, device=cfg.device, direct_io=cfg.get("direct_io", True))
@@ -38,23 +37,14 @@ def ensure(cfg: DictConfig, ledger: artifacts.Ledger | None = None) -> Path:
 
 
 def for_sae_run(parent: DictConfig, ledger: artifacts.Ledger | None = None) -> Path:
-    """For an SAE run with ``data.shards=null``: the cache stage at the same scale, with its shared settings
-    (seed; on a GPU run the cache runs on the GPU too) and ``cache_overrides``."""
-    inherited = shared_overrides(parent)
-    overrides = [o for o in inherited if o.startswith("seed=")]
-    if parent.trainer.get("accelerator") in ("gpu", "cuda"):
-        overrides.append("device=cuda")
-    overrides += list(parent.get("cache_overrides") or [])
-    sub = compose_stage("cache_activations", overrides, parent, upstream_dir(parent, "cache_activations"))
-    with open_dict(sub):
-        sub.inherited_overrides = inherited  # the transformer it builds gets the SAE run's trainer and logger
-        sub.upstream_root = str(upstream_dir(parent, ""))  # and logs beside it, in the SAE run's upstream/
-        sub.transformer_overrides = list(parent.get("transformer_overrides") or [])
-    return ensure(sub, ledger)
+    """For an SAE run with ``data.shards=null``: the shard set of
+    :func:`~monosemantic.stages.compose.cache_config`, built if missing."""
+    return ensure(cache_config(parent), ledger)
 
 
 def run(cfg: DictConfig) -> dict:
+    report = preflight.check(cfg, "cache")
     ledger: artifacts.Ledger = []
     out = ensure(cfg, ledger)
     print_ledger(ledger)
-    return {"shards": str(out), "stages": [r.as_dict() for r in ledger]}
+    return {"shards": str(out), "stages": [r.as_dict() for r in ledger], "preflight": report.as_dict()}

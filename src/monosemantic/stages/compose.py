@@ -114,3 +114,27 @@ def trainer_facts(trainer: L.Trainer, cfg: DictConfig) -> dict:
             "precision": str(trainer.precision), "strategy": type(trainer.strategy).__name__,
             "configured_strategy": strategy if isinstance(strategy, str) or strategy is None
             else OmegaConf.to_container(strategy, resolve=True).get("_target_")}
+
+
+def transformer_config(parent: DictConfig) -> DictConfig:
+    """``experiment=transformer_1l`` with the parent's scale, paths, shared settings and, last,
+    ``transformer_overrides``, logging into the parent's ``upstream/transformer_1l``."""
+    overrides = ["experiment=transformer_1l",
+                 *stage_overrides(shared_overrides(parent), list(parent.get("transformer_overrides") or []))]
+    return compose_stage("train", overrides, parent, upstream_dir(parent, "transformer_1l"))
+
+
+def cache_config(parent: DictConfig) -> DictConfig:
+    """The cache stage at an SAE run's scale, with its shared settings (seed; on a GPU run the cache runs on
+    the GPU too) and ``cache_overrides``."""
+    inherited = shared_overrides(parent)
+    overrides = [o for o in inherited if o.startswith("seed=")]
+    if parent.trainer.get("accelerator") in ("gpu", "cuda"):
+        overrides.append("device=cuda")
+    overrides += list(parent.get("cache_overrides") or [])
+    sub = compose_stage("cache_activations", overrides, parent, upstream_dir(parent, "cache_activations"))
+    with open_dict(sub):
+        sub.inherited_overrides = inherited  # the transformer it builds gets the SAE run's trainer and logger
+        sub.upstream_root = str(upstream_dir(parent, ""))  # and logs beside it, in the SAE run's upstream/
+        sub.transformer_overrides = list(parent.get("transformer_overrides") or [])
+    return sub

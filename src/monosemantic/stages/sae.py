@@ -1,8 +1,10 @@
 """The SAE stage (the main job): train an SAE on a shard set, evaluate it on held-out data, export it.
 
-``run(cfg)`` is ``python src/train.py experiment=sae_4096``. With ``data.shards=null`` it first gets the
-shard set its scale implies (``stages/cache.py``, which gets the transformer), passing on this run's trainer,
-logger and seed. It writes ``<run>/metrics.json`` (held-out metrics, the training window's densities, the
+``run(cfg)`` is ``python src/train.py experiment=sae_4096``. It first runs the pre-flight
+(``stages/preflight.py``). With ``data.shards=null`` it gets the shard set its scale implies
+(``stages/cache.py``, which gets the transformer); with ``data=on_the_fly`` (the default at ``scale=paper``)
+and ``data.model_dir=null``, the transformer alone. Both pass on this run's trainer, logger and seed. It
+writes ``<run>/metrics.json`` (held-out metrics, the training window's densities, the
 normalisation scale, λ on normalised and raw activations, skipped shards, the stages built or reused) and
 ``<run>/export/`` (SAELens layout), and prints a summary.
 """
@@ -22,8 +24,9 @@ from monosemantic.evaluation import evaluate, lr_absent_reason, no_windows_reaso
 from monosemantic.export import export_sae
 from monosemantic.metrics import density_summary
 from monosemantic.plots import save_density_histogram
-from monosemantic.stages import artifacts
+from monosemantic.stages import artifacts, preflight
 from monosemantic.stages import cache as cache_stage
+from monosemantic.stages import transformer as transformer_stage
 from monosemantic.stages.compose import build_trainer
 from monosemantic.stages.summary import print_summary
 from monosemantic.utils.hydra_utils import log_hyperparameters
@@ -42,8 +45,14 @@ def union_skipped(all_ranks: torch.Tensor, before: torch.Tensor, after: torch.Te
 def run(cfg: DictConfig) -> dict:
     timings: dict[str, float] = {}
     ledger: artifacts.Ledger = []
+    report = preflight.check(cfg, "sae")  # before any stage runs: stops with the numbers if it cannot finish
     t0 = time.time()
-    if cfg.data.shards is None:
+    if preflight.on_the_fly(cfg):
+        if not cfg.data.model_dir:
+            with open_dict(cfg):
+                cfg.data.model_dir = str(transformer_stage.ensure(cfg, ledger))
+            timings["upstream stages"] = time.time() - t0
+    elif cfg.data.shards is None:
         with open_dict(cfg):
             cfg.data.shards = str(cache_stage.for_sae_run(cfg, ledger))
         timings["upstream stages"] = time.time() - t0
@@ -102,7 +111,8 @@ def run(cfg: DictConfig) -> dict:
         int(dm.manifest.get("n_ctx") or 0),
         extra_metadata={"l1_coeff": cfg.model.l1_coeff, "l1_reduction": cfg.model.l1_reduction,
                         "l1_coeff_raw": cfg.model.l1_coeff / dm.scale,
-                        "dataset_path": str(dm.shards_dir), "val_shards": int(cfg.data.val_shards),
+                        "dataset_path": dm.source, "val_shards": cfg.data.get("val_shards"),
+                        "activation_source": "on_the_fly" if preflight.on_the_fly(cfg) else "cache",
                         "final_eval_lr_windows": lr_windows or None, "training_tokens": int(model.tokens_seen)},
         log10_density=log10_density)
     timings["eval + export"] = time.time() - t0
@@ -121,7 +131,9 @@ def run(cfg: DictConfig) -> dict:
         "skipped_shards": skipped_names,
         "stages": [r.as_dict() for r in ledger],
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
-        "export": str(export_dir), "shards": str(dm.shards_dir)})
+        "export": str(export_dir), "shards": dm.source,
+        "activation_source": "on_the_fly" if preflight.on_the_fly(cfg) else "cache",
+        "preflight": report.as_dict()})
     absent = lr_absent_reason(final, lr_skip)
     if absent:
         if absent != lr_skip:

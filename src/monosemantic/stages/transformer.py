@@ -21,15 +21,8 @@ from monosemantic.data.corpus import CorpusConfig
 from monosemantic.data.token_store import build_token_store, is_complete, load_split, store_dir_for, unigram_entropy
 from monosemantic.data.tokenizer import TokenizerConfig
 from monosemantic.models.transformer_module import export_transformer
-from monosemantic.stages import artifacts
-from monosemantic.stages.compose import (
-    build_trainer,
-    compose_stage,
-    shared_overrides,
-    stage_overrides,
-    trainer_facts,
-    upstream_dir,
-)
+from monosemantic.stages import artifacts, preflight
+from monosemantic.stages.compose import build_trainer, trainer_facts, transformer_config
 from monosemantic.utils.hydra_utils import finish_wandb, log_hyperparameters
 
 log = logging.getLogger(__name__)
@@ -98,15 +91,14 @@ def train(cfg: DictConfig, ledger: artifacts.Ledger | None = None) -> dict:
 
 def run(cfg: DictConfig) -> dict:
     """``experiment=transformer_1l``: always trains (the registry copy is replaced whole)."""
-    return train(cfg)
+    report = preflight.check(cfg, "transformer")
+    metrics = train(cfg)
+    if report.lines:
+        metrics["preflight"] = report.as_dict()
+    return metrics
 
 
-def upstream_config(parent: DictConfig) -> DictConfig:
-    """``experiment=transformer_1l`` with the parent's scale, paths, shared settings and, last,
-    ``transformer_overrides``, logging into the parent's ``upstream/transformer_1l``."""
-    overrides = ["experiment=transformer_1l",
-                 *stage_overrides(shared_overrides(parent), list(parent.get("transformer_overrides") or []))]
-    return compose_stage("train", overrides, parent, upstream_dir(parent, "transformer_1l"))
+upstream_config = transformer_config  # the transformer an upstream stage builds (stages/compose.py)
 
 
 def ensure(parent: DictConfig, ledger: artifacts.Ledger | None = None) -> Path:
