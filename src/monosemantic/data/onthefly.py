@@ -245,8 +245,8 @@ class OnTheFlyDataModule(L.LightningDataModule):
         """``[n_tokens, d_in]`` normalised training activations in an order shuffled with ``seed`` (for the
         decoder-bias init and neuron resampling): the first chunks of a pass ordered by that seed."""
         out, n = [], 0
-        for x in self.stream("train", batch_size=min(n_tokens, 65_536), seed=seed, infinite=False,
-                             drop_last=False):
+        for x in self.stream("train", batch_size=min(n_tokens, 65_536), buffer_tokens=n_tokens, seed=seed,
+                             infinite=False, drop_last=False):  # one chunk just big enough
             out.append(x)
             n += len(x)
             if n >= n_tokens:
