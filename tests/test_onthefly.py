@@ -141,11 +141,50 @@ def test_chunks_group_whole_units_of_at_least_the_buffer() -> None:
 
 def test_validation_comes_from_held_out_documents(transformer_export) -> None:
     dm = _otf(transformer_export, val_tokens=64)
-    ids, rows = _rows(dm.stream("val", with_ids=True))
+    ids, rows = _rows(dm.stream("val", with_ids=True, scale=1.0))
     assert len(ids) == 64 and len(set(ids)) == 64
-    assert dm.stream("val").tokens is dm.val_tokens and dm.stream("train").tokens is dm.train_tokens
-    ids2, rows2 = _rows(dm.stream("val", with_ids=True))  # a fixed held-out set
+    # each row is the transformer's activation at that position of a val.bin context (held-out documents)
+    ctx = torch.from_numpy(np.stack([dm.val_tokens[dm.val_starts[i // N_CTX]:][:N_CTX] for i in ids]).astype(np.int64))
+    with torch.no_grad():
+        acts = dm.net.mlp_acts(ctx)
+    expected = acts[torch.arange(len(ids)), torch.tensor([i % N_CTX for i in ids])].numpy()
+    np.testing.assert_allclose(rows, expected, rtol=2e-3, atol=2e-3)
+    ids2, rows2 = _rows(dm.stream("val", with_ids=True, scale=1.0))  # a fixed held-out set
     assert ids == ids2 and np.array_equal(rows, rows2)
+
+
+@pytest.mark.parametrize("source", ["on_the_fly", "cache"])
+def test_resumes_with_workers_give_the_uninterrupted_order_every_time(source, tiny_shards, transformer_export):
+    """With 2 DataLoader workers, a run resumed at 5 and again at 12 (counts not divisible by 2) gets exactly
+    the batches of the uninterrupted run, in its order."""
+    def loader(skip: int):
+        if source == "cache":
+            dm = ActivationDataModule(shards=str(tiny_shards), batch_size=32, buffer_tokens=64, lr_windows=0, seed=3)
+            dm.setup()
+        else:
+            dm = _otf(transformer_export, seed=3, buffer_tokens=128)
+        return DataLoader(dm.stream("train", skip_batches=skip), batch_size=None, num_workers=2)
+
+    def take(skip: int, n: int) -> list[torch.Tensor]:
+        return [x for _, x in zip(range(n), loader(skip))]
+
+    full = take(0, 30)
+    resumed = take(0, 5) + take(5, 7) + take(12, 18)
+    assert len(resumed) == 30
+    for i, (a, b) in enumerate(zip(full, resumed)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"batch {i}")
+
+
+def test_a_resume_with_other_slots_warns(caplog) -> None:
+    from monosemantic.data.chunks import check_slots_unchanged
+
+    class Trainer:
+        world_size = 2
+
+    check_slots_unchanged(2, Trainer(), 1)
+    assert "stream slots" not in caplog.text
+    check_slots_unchanged(2, Trainer(), 4)
+    assert "resuming with 8 stream slots" in caplog.text and "had 2" in caplog.text
 
 
 def test_bad_settings_are_named(transformer_export) -> None:

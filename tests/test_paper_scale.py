@@ -50,6 +50,18 @@ def test_on_the_fly_sae_run_builds_the_transformer_and_no_cache(tmp_path):
     cfg_json = json.loads((tmp_path / "run" / "export" / "cfg.json").read_text())
     assert cfg_json["d_in"] == TINY_NET["d_mlp"] and cfg_json["metadata"]["activation_source"] == "on_the_fly"
 
+    # eval regenerates the same held-out activations from the export alone; the dashboard finds its inputs
+    from monosemantic.stages import eval as eval_stage
+    from monosemantic.stages.inputs import load_inputs
+
+    export = tmp_path / "run" / "export"
+    again = eval_stage.run(compose_cfg("eval", [f"ckpt_path={export}", "lr_windows=2"], tmp_path / "eval", data))
+    assert again["n_tokens"] == final["n_tokens"] and again["val_shards"] is None
+    assert again["l0"] == pytest.approx(final["l0"], rel=1e-4)
+    assert again["loss_recovered"] == pytest.approx(final["loss_recovered"], rel=1e-3, abs=1e-4)
+    inputs = load_inputs(str(export), tmp_path)
+    assert str(inputs.transformer_dir) == final["shards"].removeprefix("on-the-fly:")
+
 
 @pytest.mark.parametrize("what, over, message", [
     ("sae", ["data=on_the_fly", "scale.sae.max_steps=100000"], "activations would repeat"),
@@ -83,10 +95,13 @@ def test_paper_scale_is_the_papers_recipe(tmp_path):
     assert c["data"]["tokens_per_context"] == 250 and c["data"]["batch_size"] == 8192
     assert c["data"]["normalize"] is False and c["model"]["l1_coeff"] == 0.004  # λ on raw activations
     assert c["model"]["tied_init"] is False  # independent encoder / decoder init
-    assert c["data"]["buffer_tokens"] % 8192 == 0  # chunks hold whole batches: nothing dropped
+    # a chunk is whole blocks of 1,024 contexts × 250 positions: 32 of them, 8.192M rows = 1,000 whole batches
+    block = c["data"]["contexts_per_block"] * c["data"]["tokens_per_context"]
+    assert -(-c["data"]["buffer_tokens"] // block) * block % c["data"]["batch_size"] == 0
     t = compose_cfg("train", ["experiment=transformer_1l", "scale=paper"], tmp_path)
     corpus = OmegaConf.to_container(t.data.corpus, resolve=True)
     assert corpus["kind"] == "hub" and corpus["streaming"] and corpus["max_bytes"] == 48_000_000_000
     demo = compose_cfg("train", ["experiment=sae_4096"], tmp_path)
     assert demo.data._target_.endswith(".ActivationDataModule") and demo.model.tied_init and demo.data.normalize
-    assert demo.data.buffer_tokens % demo.data.batch_size == 0
+    shard = demo.scale.cache.contexts_per_shard * demo.scale.cache.tokens_per_context  # 2 shards, 64 batches
+    assert -(-demo.data.buffer_tokens // shard) * shard % demo.data.batch_size == 0

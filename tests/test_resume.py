@@ -69,8 +69,9 @@ def _fit(shards, max_steps, root, ckpt_path=None, stop_at=None, make_dm=None):
 
 
 def _on_the_fly(model_dir):
+    # chunks of 8 batches: the stop at step 4 falls inside a chunk
     dm = OnTheFlyDataModule(model_dir=str(model_dir), n_contexts=96, tokens_per_context=8, contexts_per_block=16,
-                            batch_size=32, buffer_tokens=128, lr_windows=0, seed=3, device="cpu")
+                            batch_size=32, buffer_tokens=256, lr_windows=0, seed=3, device="cpu")
     dm.setup()
     return dm
 

@@ -294,3 +294,64 @@ def test_bpe_learns_from_training_documents_only(tmp_path):
     assert load_tokenizer(store / "tokenizer.json").get_vocab() == expected.get_vocab()
     with_val = train_bpe(docs, 384)
     assert with_val.get_vocab() != expected.get_vocab()  # the held-out docs would have changed it
+
+
+@pytest.mark.parametrize("first_streaming, then_streaming, max_bytes", [
+    (True, True, 150_000),    # a capped stream killed near its cap: the resumed store stops where the whole one did
+    (False, False, None),     # an Arrow table: resumed by skipping the rows read
+    (False, True, None),      # killed as a table, resumed as a stream (the store key ignores streaming)
+])
+def test_resumed_tokenization_matches_in_every_reading_mode(tmp_path, monkeypatch, first_streaming, then_streaming,
+                                                            max_bytes):
+    import monosemantic.data.token_store as ts
+
+    data_files = _jsonl_corpus(tmp_path)
+
+    def cfg(streaming: bool) -> CorpusConfig:
+        return CorpusConfig(kind="files", builder="json", data_files=data_files, streaming=streaming,
+                            max_bytes=max_bytes)
+
+    whole = build_token_store(cfg(False), SMALL_TOK, tmp_path / "whole", val_fraction=0.1, progress=False, **FAST)
+    real, calls = ts.write_json_atomic, []
+
+    def dying(path, obj):
+        if path.name == "progress.json":
+            calls.append(1)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+        real(path, obj)
+
+    monkeypatch.setattr(ts, "write_json_atomic", dying)
+    with pytest.raises(KeyboardInterrupt):
+        build_token_store(cfg(first_streaming), SMALL_TOK, tmp_path / "k", val_fraction=0.1, progress=False, **FAST)
+    monkeypatch.setattr(ts, "write_json_atomic", real)
+    resumed = build_token_store(cfg(then_streaming), SMALL_TOK, tmp_path / "k", val_fraction=0.1, progress=False,
+                                **FAST)
+    for f in ("train.bin", "val.bin"):
+        assert (resumed / f).read_bytes() == (whole / f).read_bytes(), f
+    if max_bytes:
+        meta = read_meta(whole)  # the cap ended the corpus early: the document that reached it was the last
+        assert meta["n_bytes"] >= max_bytes and sum(meta["n_docs"].values()) < 60
+
+
+def test_a_build_killed_while_being_put_in_place_finishes_on_the_next_run(tmp_path, monkeypatch):
+    import os
+
+    data_files = _jsonl_corpus(tmp_path, n_files=20)
+    cfg = CorpusConfig(kind="files", builder="json", data_files=data_files)
+    real = os.rename
+
+    def dying(a, b):  # killed as the finished store is renamed into place (other renames go through)
+        if str(a).endswith(".partial"):
+            raise KeyboardInterrupt
+        return real(a, b)
+
+    monkeypatch.setattr(os, "rename", dying)
+    with pytest.raises(KeyboardInterrupt):
+        build_token_store(cfg, SMALL_TOK, tmp_path / "d", val_fraction=0.1, progress=False)
+    monkeypatch.setattr(os, "rename", real)
+    [partial] = (tmp_path / "d" / "tokens").glob(".*.partial")
+    assert (partial / "meta.json").is_file()
+    store = build_token_store(cfg, SMALL_TOK, tmp_path / "d", val_fraction=0.1, progress=False)
+    assert read_meta(store)["n_tokens"]["train"] > 0 and not partial.exists()
+    assert not (store / "progress.json").exists() and not (store / "tokenizer_sample.json").exists()

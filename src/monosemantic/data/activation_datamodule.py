@@ -19,7 +19,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from monosemantic.data.chunks import STREAM_STATE, check_stream_state
+from monosemantic.data.chunks import check_slots_unchanged, check_stream_state, stream_state
 from monosemantic.data.shards.format import ShardSetError, norm_scale, read_manifest
 from monosemantic.data.shards.reader import ActivationStream, SkippedShards
 from monosemantic.data.token_datamodule import TokenWindows, tiled_starts
@@ -49,7 +49,7 @@ class ActivationDataModule(L.LightningDataModule):
         super().__init__()
         self.save_hyperparameters(logger=False)
         self.manifest: dict[str, Any] = {}
-        self._resume_batches = 0
+        self._resume_batches, self._resume_slots = 0, None
         self.scale = 1.0
         self.train_urls: list[str] = []
         self.val_urls: list[str] = []
@@ -122,19 +122,20 @@ class ActivationDataModule(L.LightningDataModule):
                           persistent_workers=self.hparams.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
+        if self._resume_batches:
+            check_slots_unchanged(self._resume_slots, getattr(self, "trainer", None), self.hparams.num_workers)
         return self._loader(self.stream("train", skip_batches=self._resume_batches))
 
     def state_dict(self) -> dict[str, Any]:
         """Saved in checkpoints: how many batches this rank's training stream has delivered (one per step);
         where the next one comes from is arithmetic on the shards' row counts (``data/chunks.py``)."""
-        trainer = getattr(self, "trainer", None)
-        return {"train_batches": int(trainer.global_step) if trainer is not None else self._resume_batches,
-                "stream": STREAM_STATE}
+        return stream_state(getattr(self, "trainer", None), self._resume_batches, self.hparams.num_workers)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restored by Lightning before the dataloaders are built: the resumed stream skips the shards already
         trained on without reading them and loads only the chunk it resumes in."""
         self._resume_batches = check_stream_state(state_dict)
+        self._resume_slots = state_dict.get("slots")
 
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
         lr = self.lr_loader()

@@ -35,6 +35,25 @@ log = logging.getLogger(__name__)
 STREAM_STATE = "chunked-v2"
 
 
+def stream_state(trainer, resume_batches: int, num_workers: int) -> dict:
+    """A datamodule's checkpoint state: the batches this rank has trained on, the stream layout, and how many
+    stream slots (ranks × DataLoader workers) split the units: the position means the same only for as many."""
+    world = int(trainer.world_size) if trainer is not None else 1
+    return {"train_batches": int(trainer.global_step) if trainer is not None else resume_batches,
+            "stream": STREAM_STATE, "slots": world * max(1, num_workers)}
+
+
+def check_slots_unchanged(saved: int | None, trainer, num_workers: int) -> None:
+    """Warn when a run resumes with another number of ranks × workers than it was checkpointed with: the units
+    are split another way, so the remaining stream is not the one the run would have seen."""
+    now = (int(trainer.world_size) if trainer is not None else 1) * max(1, num_workers)
+    if saved is not None and int(saved) != now:
+        log.warning("resuming with %d stream slots (ranks × data.num_workers) where the checkpoint had %d: the "
+                    "shards or blocks are split another way, so within this pass some activations may come twice "
+                    "and others not at all; resume with the original devices and data.num_workers for the exact "
+                    "stream", now, int(saved))
+
+
 def check_stream_state(state: dict) -> int:
     """The batches already delivered, from a datamodule's checkpoint state; a checkpoint of the older stream
     layout resumes at the same count with a warning (its remaining batches are not the ones it would have
@@ -133,11 +152,21 @@ class ChunkedStream(IterableDataset):
         """Raise when an endless stream has fewer units than slots (a slot would get nothing)."""
 
     # -- the plan -----------------------------------------------------------------------------------------
+    def role(self) -> tuple[int, int]:
+        """(this worker's role, DataLoader workers). A DataLoader takes batches from its workers in turn,
+        starting with worker 0, so role ``r`` of ``k`` owns the rank's batches ``r, r+k, …``. A stream resumed
+        after ``n`` batches starts at batch ``n``, which the uninterrupted run took from role ``n % k``: worker
+        ``w`` plays role ``(w + n) % k``, and the resumed batches come in exactly the uninterrupted order, however
+        many times the run is resumed."""
+        _, _, worker, workers = stream_slot(self.split_nodes)
+        return (worker + self.skip_batches) % workers, workers
+
     def _slot(self) -> tuple[int, int, int]:
         """(this slot, slots, DataLoader workers)."""
-        rank, world, worker, workers = stream_slot(self.split_nodes)
-        # worker-major: the ranks take turns unit by unit, so they get as many units as each other ±1
-        return worker * world + rank, world * workers, workers
+        rank, world, _, _ = stream_slot(self.split_nodes)
+        role, workers = self.role()
+        # role-major: the ranks take turns unit by unit, so they get as many units as each other ±1
+        return role * world + rank, world * workers, workers
 
     def plan(self, pass_index: int) -> list[tuple[list[Any], int]]:
         """This slot's chunks in a pass: (units, batches it emits)."""
@@ -156,7 +185,7 @@ class ChunkedStream(IterableDataset):
     def position(self, batches: int) -> tuple[int, int, int]:
         """(pass, chunk, batch within it) of this slot's batch number ``batches``: arithmetic on the plan,
         nothing is read."""
-        pass_index = 0
+        pass_index, empty = 0, 0
         while True:
             counts = [n for _, n in self.plan(pass_index)]
             total = sum(counts)
@@ -166,8 +195,10 @@ class ChunkedStream(IterableDataset):
                         return pass_index, c, batches
                     batches -= n
                 return pass_index, len(counts), 0  # past the end of a finite stream
-            if total == 0:
-                raise ValueError("the stream has no whole batch in a pass: fewer rows than batch_size")
+            empty = empty + 1 if total == 0 else 0  # a slot may draw no unit in one pass, not in every pass
+            if empty > 64:
+                raise ValueError("this stream slot gets no whole batch pass after pass: fewer rows per slot than "
+                                 "batch_size (fewer ranks × workers, or a smaller batch)")
             batches -= total
             pass_index += 1
 
@@ -189,17 +220,14 @@ class ChunkedStream(IterableDataset):
             yield (x, buf.ids.index_select(0, rows)) if buf.ids is not None else x
 
     def __iter__(self) -> Iterator[Any]:
-        # A DataLoader takes batches from its workers in turn, so worker w of k owns the rank's batches
-        # w, w+k, …; it always starts at worker 0, so after a resume with k workers the order within a round of
-        # k batches may differ from the original run's (the batches are the same).
-        _, _, workers = self._slot()
-        _, _, worker, _ = stream_slot(self.split_nodes)
-        skip = max(0, -(-(self.skip_batches - worker) // workers))
+        role, workers = self.role()
+        skip = max(0, -(-(self.skip_batches - role) // workers))  # this role's batches before skip_batches
         pass_index, chunk0, first = self.position(skip)
         while True:
             for c, (units, _) in enumerate(self.plan(pass_index)):
                 if c < chunk0:
                     continue
+                buf = None  # the last chunk's buffer may be freed before a bigger one is allocated
                 buf = self.load(units, pass_index)
                 self.units_loaded += len(units)
                 if buf is not None and buf.n:

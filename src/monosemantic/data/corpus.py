@@ -168,28 +168,34 @@ class Corpus:
 
 
 class CorpusReader:
-    """A corpus's non-empty documents in order, from a position (:meth:`state`) that resumes exactly."""
+    """A corpus's non-empty documents in order, from a position (:meth:`state`) that resumes exactly. The text
+    cap ``max_bytes`` counts UTF-8 bytes; the document that reaches it is the last one."""
 
     def __init__(self, corpus: Corpus, state: dict | None = None) -> None:
         import datasets
 
         self.corpus, self.ds = corpus, corpus.load()
         state = state or {}
-        self.rows, self.chars = int(state.get("rows", 0)), int(state.get("chars", 0))
+        self.rows, self.bytes = int(state.get("rows", 0)), int(state.get("bytes", 0))
         self.streaming = isinstance(self.ds, datasets.IterableDataset)
         if self.rows:
-            if self.streaming:
+            if self.streaming and state.get("dataset") is not None:
                 self.ds.load_state_dict(state["dataset"])  # datasets' own position: no re-reading
-            else:
+            else:  # a table, or a stream resumed from a position recorded without streaming: skip the rows
                 self.ds = self.ds.skip(self.rows)
 
     def state(self) -> dict:
         """Where the reader is: after the last document it yielded."""
-        return {"rows": self.rows, "chars": self.chars,
+        return {"rows": self.rows, "bytes": self.bytes,
                 "dataset": self.ds.state_dict() if self.streaming else None}
+
+    def _capped(self) -> bool:
+        return self.corpus.cfg.max_bytes is not None and self.bytes >= self.corpus.cfg.max_bytes
 
     def __iter__(self) -> Iterator[str]:
         cfg = self.corpus.cfg
+        if self._capped():  # resumed after the last document
+            return
         for row in self.ds:
             self.rows += 1
             if cfg.text_field not in row:
@@ -198,7 +204,7 @@ class CorpusReader:
             text = row[cfg.text_field]
             if not text:
                 continue
-            self.chars += len(text)  # before the yield: a state taken while suspended counts this document
+            self.bytes += len(text.encode())  # before the yield: a state taken while suspended counts it
             yield text
-            if cfg.max_bytes is not None and self.chars >= cfg.max_bytes:
+            if self._capped():
                 return

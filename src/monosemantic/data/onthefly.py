@@ -28,7 +28,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from monosemantic.data.chunks import STREAM_STATE, ChunkedStream, RowBuffer, check_stream_state
+from monosemantic.data.chunks import (
+    ChunkedStream,
+    RowBuffer,
+    check_slots_unchanged,
+    check_stream_state,
+    stream_state,
+)
 from monosemantic.data.contexts import block_positions, context_starts, n_tiles
 from monosemantic.data.shards.format import norm_scale
 from monosemantic.data.shards.reader import SkippedShards
@@ -39,6 +45,16 @@ from monosemantic.models.transformer_module import load_transformer
 
 log = logging.getLogger(__name__)
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+# what an on-the-fly run records as its dataset (the export's ``dataset_path``): the source and its held-out
+# settings, so evaluation and the dashboard can regenerate the same held-out activations
+SOURCE_PREFIX = "on-the-fly:"
+RECORDED = ("model_dir", "token_store", "n_contexts", "tokens_per_context", "contexts_per_block", "val_tokens",
+            "seed", "buffer_dtype")
+
+
+def source_model_dir(source: str | None) -> str | None:
+    """The transformer folder of an on-the-fly source string (None: the source is a shard set)."""
+    return source[len(SOURCE_PREFIX):] if source and source.startswith(SOURCE_PREFIX) else None
 
 
 class OnTheFlyStream(ChunkedStream):
@@ -64,7 +80,6 @@ class OnTheFlyStream(ChunkedStream):
         self.n_blocks = math.ceil(len(self.starts) / contexts_per_block)
         self.blocks = list(range(self.n_blocks)) if blocks is None else list(blocks)
         self.contexts_forwarded = 0  # contexts run through the transformer by this process
-        self._net_on: str | None = None
 
     def block_rows(self, block: int) -> int:
         lo = block * self.cpb
@@ -83,9 +98,9 @@ class OnTheFlyStream(ChunkedStream):
 
     @torch.no_grad()
     def load(self, units: list[int], pass_index: int) -> RowBuffer:
-        if self._net_on != self.device:
-            self.net = self.net.to(self.device)
-            self._net_on = self.device
+        want, have = torch.device(self.device), next(self.net.parameters()).device
+        if want.type != have.type or (want.index is not None and want.index != have.index):
+            self.net = self.net.to(want)  # the datamodule's one copy: every stream moves it where it runs
         buf = self.row_buffer(sum(self.block_rows(b) for b in units), self.net.cfg.d_mlp, self.dtype, self.device)
         window = np.arange(self.n_ctx)
         for b in units:
@@ -130,14 +145,18 @@ class OnTheFlyDataModule(L.LightningDataModule):
         self.save_hyperparameters(logger=False)
         self.manifest: dict[str, Any] = {}
         self.scale = 1.0
-        self._resume_batches = 0
+        self._resume_batches, self._resume_slots = 0, None
         self.net: torch.nn.Module | None = None
         self.skipped = SkippedShards([])  # no shards: nothing to skip (the SAE stage reports the count)
 
     # -- setup ----------------------------------------------------------------------------------------
     @property
     def source(self) -> str:
-        return f"on-the-fly:{self.hparams.model_dir}"
+        return f"{SOURCE_PREFIX}{self.hparams.model_dir}"
+
+    def recorded(self) -> dict:
+        """The settings an export records so that ``src/eval.py`` regenerates the same held-out set."""
+        return {k: self.hparams[k] for k in RECORDED}
 
     @property
     def d_in(self) -> int:
@@ -214,6 +233,8 @@ class OnTheFlyDataModule(L.LightningDataModule):
                           persistent_workers=self.hparams.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
+        if self._resume_batches:
+            check_slots_unchanged(self._resume_slots, getattr(self, "trainer", None), self.hparams.num_workers)
         return self._loader(self.stream("train", skip_batches=self._resume_batches))
 
     def val_dataloader(self) -> list[DataLoader]:
@@ -221,12 +242,11 @@ class OnTheFlyDataModule(L.LightningDataModule):
         return [self._loader(self.stream("val"))] + ([lr] if lr is not None else [])
 
     def state_dict(self) -> dict[str, Any]:
-        trainer = getattr(self, "trainer", None)
-        return {"train_batches": int(trainer.global_step) if trainer is not None else self._resume_batches,
-                "stream": STREAM_STATE}
+        return stream_state(getattr(self, "trainer", None), self._resume_batches, self.hparams.num_workers)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._resume_batches = check_stream_state(state_dict)
+        self._resume_slots = state_dict.get("slots")
 
     # -- held-out token windows and samples --------------------------------------------------------------
     def lr_windows(self, n_windows: int | None = None) -> TokenWindows | None:
@@ -246,7 +266,7 @@ class OnTheFlyDataModule(L.LightningDataModule):
         decoder-bias init and neuron resampling): the first chunks of a pass ordered by that seed."""
         out, n = [], 0
         for x in self.stream("train", batch_size=min(n_tokens, 65_536), buffer_tokens=n_tokens, seed=seed,
-                             infinite=False, drop_last=False):  # one chunk just big enough
+                             position_seed=self.hparams.seed, infinite=False, drop_last=False):  # one chunk
             out.append(x)
             n += len(x)
             if n >= n_tokens:

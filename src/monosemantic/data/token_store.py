@@ -89,6 +89,19 @@ def _train_sample(corpus: Corpus, val_every: int, max_bytes: int | None) -> tupl
     return texts(), info
 
 
+def _finish(tmp: Path, out: Path) -> Path:
+    """Put a finished build in place: drop its progress records, rename the folder whole."""
+    for name in ("progress.json", "tokenizer_sample.json"):
+        (tmp / name).unlink(missing_ok=True)
+    try:
+        os.rename(tmp, out)  # atomic; loses the race cleanly if another process finished first
+    except OSError:
+        if not (out / "meta.json").is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 def build_token_store(corpus_cfg: CorpusConfig, tok_cfg: TokenizerConfig, data_dir: str | Path,
                       val_fraction: float = 0.02, encode_batch: int = 64, checkpoint_bytes: int = 64 << 20,
                       progress: bool = True) -> Path:
@@ -115,15 +128,19 @@ def build_token_store(corpus_cfg: CorpusConfig, tok_cfg: TokenizerConfig, data_d
     tmp = data_dir / "tokens" / f".{out.name}.partial"
     tmp.mkdir(parents=True, exist_ok=True)
     progress_file = tmp / "progress.json"
+    if (tmp / "meta.json").is_file():  # a build killed while it was being put in place: only that is left
+        return _finish(tmp, out)
     state = json.loads(progress_file.read_text()) if progress_file.is_file() else None
 
-    if (tmp / "tokenizer.json").is_file():
+    if (tmp / "tokenizer.json").is_file() and (tmp / "tokenizer_sample.json").is_file():
         tokenizer = load_tokenizer(tmp / "tokenizer.json")
         sample_info = json.loads((tmp / "tokenizer_sample.json").read_text())
     else:
         log.info("building token store %s", out)
         texts, sample_info = _train_sample(corpus, val_every, tok_cfg.train_bytes)
         tokenizer = build_tokenizer(tok_cfg, texts)
+        if tok_cfg.kind != "bpe":
+            sample_info = {"docs": 0, "bytes": 0, "rule": f"none: the {tok_cfg.kind} tokenizer is not trained"}
         write_json_atomic(tmp / "tokenizer_sample.json", sample_info)
         tokenizer.save(str(tmp / "tokenizer.json.tmp"))
         os.replace(tmp / "tokenizer.json.tmp", tmp / "tokenizer.json")  # after its sample's record
@@ -193,15 +210,8 @@ def build_token_store(corpus_cfg: CorpusConfig, tok_cfg: TokenizerConfig, data_d
         "bytes_per_token": round(n_bytes / max(1, sum(counts.values())), 4),
         "val_split": f"every {val_every}th document", "corpus": corpus.info,
     }
-    for name in ("progress.json", "tokenizer_sample.json"):
-        (tmp / name).unlink()
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-    try:
-        os.rename(tmp, out)  # atomic; loses the race cleanly if another process finished first
-    except OSError:
-        if not (out / "meta.json").is_file():
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
+    write_json_atomic(tmp / "meta.json", meta)  # first: from here on a killed build only has to be renamed
+    _finish(tmp, out)
     log.info("token store: %s train / %s val tokens, vocab %d", f"{counts['train']:,}", f"{counts['val']:,}", vocab)
     return out
 

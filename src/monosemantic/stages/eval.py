@@ -11,6 +11,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from monosemantic.data.activation_datamodule import ActivationDataModule
+from monosemantic.data.onthefly import RECORDED, SOURCE_PREFIX, OnTheFlyDataModule, source_model_dir
 from monosemantic.evaluation import evaluate, lr_absent_reason, no_windows_reason, splice_transformer
 from monosemantic.export import load_sae
 from monosemantic.models.components.sae import SparseAutoencoder
@@ -35,7 +36,7 @@ def load_any(path: Path) -> tuple[SparseAutoencoder, float, dict]:
         sae, cfg = load_sae(path)
         meta = cfg.get("metadata", {})
         return sae, 1.0, {"shards": meta.get("dataset_path"), "val_shards": meta.get("val_shards"),
-                          "lr_windows": meta.get("final_eval_lr_windows")}
+                          "lr_windows": meta.get("final_eval_lr_windows"), "on_the_fly": meta.get("on_the_fly")}
     if not path.is_file():
         raise FileNotFoundError(f"ckpt_path={path} is neither a checkpoint file nor an export folder")
     try:
@@ -53,8 +54,11 @@ def load_any(path: Path) -> tuple[SparseAutoencoder, float, dict]:
     # <run>/checkpoints/x.ckpt: the run's resolved config, written when it started, has its final-eval setting
     run_cfg = path.parent.parent / "config_resolved.yaml"
     lr_windows = OmegaConf.load(run_cfg).get("final_eval_lr_windows") if run_cfg.is_file() else None
-    return sae, scale, {"shards": dm_hparams.get("shards"), "val_shards": dm_hparams.get("val_shards"),
-                        "lr_windows": lr_windows}
+    on_the_fly = {k: dm_hparams[k] for k in RECORDED} if dm_hparams.get("model_dir") else None
+    source = dm_hparams.get("shards") or (SOURCE_PREFIX + on_the_fly["model_dir"] if on_the_fly else None)
+    return sae, scale, {"shards": source,
+                        "val_shards": dm_hparams.get("val_shards"), "lr_windows": lr_windows,
+                        "on_the_fly": on_the_fly}
 
 
 def run(cfg: DictConfig) -> dict:
@@ -73,8 +77,13 @@ def run(cfg: DictConfig) -> dict:
                  "lr_windows=" if cfg.lr_windows is not None else "as the training run's final evaluation")
     if not shards:
         raise ValueError(f"{path} records no shard set: pass shards=<dir>")
-    dm = ActivationDataModule(shards=shards, batch_size=cfg.batch_size, val_shards=val_shards,
-                              d_in=sae.W_enc.shape[0], normalize=False, lr_windows=lr_windows)
+    if source_model_dir(shards) and not cfg.shards:  # trained on the fly: the same held-out documents again
+        dm = OnTheFlyDataModule(**(recorded["on_the_fly"] or {"model_dir": source_model_dir(shards)}),
+                                batch_size=cfg.batch_size, val_batch_size=cfg.batch_size, d_in=sae.W_enc.shape[0],
+                                normalize=False, lr_windows=lr_windows, device=cfg.device)
+    else:
+        dm = ActivationDataModule(shards=shards, batch_size=cfg.batch_size, val_shards=val_shards,
+                                  d_in=sae.W_enc.shape[0], normalize=False, lr_windows=lr_windows)
     dm.setup()
     transformer, why_not = splice_transformer(dm, cfg.device)
     lr_skip = why_not or no_windows_reason(dm)
@@ -86,7 +95,8 @@ def run(cfg: DictConfig) -> dict:
     metrics = evaluate(sae, acts, dm.lr_loader() if lr_skip is None else None, transformer, scale, cfg.ablation,
                        mean_acts, cfg.device)
     metrics.pop("log10_density", None)
-    metrics.update({"ckpt_path": str(path), "shards": str(shards), "val_shards": int(val_shards),
+    metrics.update({"ckpt_path": str(path), "shards": str(shards),
+                    "val_shards": None if source_model_dir(shards) else int(val_shards),
                     "ablation": cfg.ablation, "lr_windows": len(dm.lr_windows() or []) if lr_skip is None else 0,
                     "n_skipped_shards": dm.n_skipped, "skipped_shards": dm.skipped.names()})
     absent = lr_absent_reason(metrics, lr_skip)

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
+from monosemantic.data.onthefly import source_model_dir
 from monosemantic.data.shards.format import read_manifest
 from monosemantic.data.token_store import load_split, read_meta
 from monosemantic.data.tokenizer import load_tokenizer
@@ -67,7 +68,9 @@ def load_inputs(ckpt_path: str, log_dir: str | Path, shards: str | None = None, 
     log.info("SAE: %s (%d features on %d inputs)", path, sae.d_sae, sae.d_in)
     manifest: dict = {}
     shards = shards or recorded["shards"]
-    if shards and Path(shards, "manifest.json").is_file():
+    if source_model_dir(shards):  # trained on the fly: the transformer is named in the source itself
+        transformer = transformer or source_model_dir(shards)
+    elif shards and Path(shards, "manifest.json").is_file():
         manifest = read_manifest(shards)
     elif not (transformer and token_store):
         raise FileNotFoundError(f"{path} records the shard set {shards!r}, which has no manifest.json: pass "

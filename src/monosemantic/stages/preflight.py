@@ -19,6 +19,7 @@ A failed check raises :class:`PreflightError` with the whole table, before anyth
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import shutil
@@ -144,17 +145,31 @@ def _disk(report: Report, stage: str, what: str, need: float, where: Path, pf: d
                f"{what} needs {_gb(need)} but {where.parent} has {_gb(free)} free (keeping {_gb(margin)} spare)")
 
 
+def model_facts(model_dir: str | Path, token_store: str | None = None) -> dict:
+    """An exported transformer's context length, width and token store (with its training tokens), read from
+    its ``config.json`` (the weights are not loaded)."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise PreflightError(f"{path} is missing: {model_dir} is not an exported transformer")
+    cfg = json.loads(path.read_text())
+    store = token_store or cfg.get("token_store")
+    if not store or not is_complete(store):
+        raise PreflightError(f"the token store of {model_dir} ({store!r}) is missing: set data.token_store")
+    return {"n_ctx": int(cfg["model"]["n_ctx"]), "d_mlp": int(cfg["model"]["d_mlp"]), "store": store,
+            "tokens": int(read_meta(store)["n_tokens"]["train"])}
+
+
 def check_transformer(tcfg: DictConfig, report: Report, pf: dict, always_trains: bool = False) -> tuple[int, bool]:
     """The transformer stage (if it would be trained: an upstream one is reused when registered) and its token
     store; returns the store's training tokens (exact or estimated)."""
+    registry = artifacts.transformer_dir(tcfg)
+    if not always_trains and artifacts.transformer_complete(registry):  # its own store, exactly
+        report.add("transformer", "trained model", "-", f"reused: {registry.name}")
+        return model_facts(registry)["tokens"], True
     tokens, exact, store, store_bytes = token_supply(tcfg, pf)
     est = "" if exact else f" (estimated: corpus bytes / {pf['bytes_per_token']:.1f})"
     if store_bytes:
         _disk(report, "tokenize", "token store", store_bytes, store, pf)
-    registry = artifacts.transformer_dir(tcfg)
-    if not always_trains and artifacts.transformer_complete(registry):
-        report.add("transformer", "trained model", "-", f"reused: {registry.name}")
-        return tokens, exact
     n_ctx, batch = int(tcfg.data.n_ctx), int(tcfg.data.batch_size)
     need = int(tcfg.trainer.max_steps) * batch * n_ctx * _world(tcfg)
     epochs = need / max(tokens, 1)
@@ -185,11 +200,14 @@ def check_cache(ccfg: DictConfig, report: Report, pf: dict, tcfg: DictConfig) ->
     if out is not None and artifacts.shards_complete(out):
         report.add("cache", "activation shards", "-", f"reused: {out.name}")
         return out, settings
-    tokens, exact = check_transformer(tcfg, report, pf) if not ccfg.model_dir else (None, True)
-    n_ctx, d_mlp = int(tcfg.data.n_ctx), int(tcfg.model.net.d_mlp)
+    if model_dir is not None:  # given or registered: its own shape and store
+        facts = model_facts(model_dir)
+        tokens, exact, n_ctx, d_mlp = facts["tokens"], True, facts["n_ctx"], facts["d_mlp"]
+    else:
+        tokens, exact = check_transformer(tcfg, report, pf)
+        n_ctx, d_mlp = int(tcfg.data.n_ctx), int(tcfg.model.net.d_mlp)
     k, n = int(settings["tokens_per_context"]), int(settings["n_contexts"])
-    if tokens is not None:
-        _contexts_line(report, "cache", n, tokens, n_ctx, exact)
+    _contexts_line(report, "cache", n, tokens, n_ctx, exact)
     members = {"acts": (np.dtype(settings.get("dtype", "float16")), (k, d_mlp)), "tokens": (np.int32, (k,)),
                "positions": (np.int32, (k,)), "context": (np.int32, (n_ctx,))}
     sample_bytes = SampleBatch(1, members, allocate=np.zeros).sample_bytes
@@ -218,14 +236,11 @@ def check_sae(cfg: DictConfig, report: Report, pf: dict) -> None:
     need = int(cfg.trainer.max_steps) * int(cfg.data.batch_size) * _world(cfg)
     repeats = "allowed (preflight.allow_repeats)" if pf["allow_repeats"] else None
     if on_the_fly(cfg):
-        tcfg = transformer_config(cfg)
         if cfg.data.model_dir:
-            from monosemantic.models.transformer_module import load_transformer
-
-            store = cfg.data.token_store or load_transformer(cfg.data.model_dir)[1].get("token_store")
-            tokens, exact = int(read_meta(store)["n_tokens"]["train"]), True
-            n_ctx = int(load_transformer(cfg.data.model_dir)[1]["model"]["n_ctx"])
+            facts = model_facts(cfg.data.model_dir, cfg.data.token_store)
+            tokens, exact, n_ctx = facts["tokens"], True, facts["n_ctx"]
         else:
+            tcfg = transformer_config(cfg)
             tokens, exact = check_transformer(tcfg, report, pf)
             n_ctx = int(tcfg.data.n_ctx)
         tiles = n_tiles(tokens, n_ctx)
@@ -258,7 +273,7 @@ def check_sae(cfg: DictConfig, report: Report, pf: dict) -> None:
     n, k, cps = int(settings["n_contexts"]), int(settings["tokens_per_context"]), int(settings["contexts_per_shard"])
     n_shards = math.ceil(n / cps)
     n_val = int(cfg.data.val_shards)
-    train = (n - min(n_val * cps, n)) * k if n_shards > n_val else 0
+    train = min(n, (n_shards - n_val) * cps) * k if n_shards > n_val else 0  # the held-out shards are the last
     passes = need / max(train, 1)
     report.add("sae", "activations (cache)", f"{_n(need)} ({passes:.2f} passes)", f"{_n(train)} in training shards",
                problem=None if passes <= 1 or repeats else

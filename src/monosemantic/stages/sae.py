@@ -113,7 +113,8 @@ def run(cfg: DictConfig) -> dict:
                         "l1_coeff_raw": cfg.model.l1_coeff / dm.scale,
                         "dataset_path": dm.source, "val_shards": cfg.data.get("val_shards"),
                         "activation_source": "on_the_fly" if preflight.on_the_fly(cfg) else "cache",
-                        "final_eval_lr_windows": lr_windows or None, "training_tokens": int(model.tokens_seen)},
+                        "final_eval_lr_windows": lr_windows or None, "training_tokens": int(model.tokens_seen),
+                        **({"on_the_fly": dm.recorded()} if preflight.on_the_fly(cfg) else {})},
         log10_density=log10_density)
     timings["eval + export"] = time.time() - t0
     final.update({
