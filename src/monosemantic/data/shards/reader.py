@@ -5,7 +5,7 @@
   once across ranks × workers.
 - A chunk of whole shards (at least ``buffer_tokens`` rows) is shuffled at the token level before batching
   (paper: "shuffled across contexts"): a batch of 4,096 from a 262,144-row chunk of 128-token contexts draws
-  from ~1,500 of its 2,048 contexts. Where a batch comes from is arithmetic on the manifest's row counts, so a
+  from ~1,770 of its 2,048 contexts. Where a batch comes from is arithmetic on the manifest's row counts, so a
   resumed run skips the shards already trained on without reading them (O(1) resume).
 - Local shards are read through a 1 MiB buffer and dropped from the page cache as they are read
   (:mod:`.pagecache`); any other url goes through webdataset's own opener (``pipe:``, HTTP, object stores).
