@@ -78,6 +78,9 @@ def run(cfg: DictConfig) -> dict:
     if not shards:
         raise ValueError(f"{path} records no shard set: pass shards=<dir>")
     if source_model_dir(shards) and not cfg.shards:  # trained on the fly: the same held-out documents again
+        if not recorded["on_the_fly"]:
+            log.warning("%s records no on-the-fly settings: the held-out activations use the defaults "
+                        "(tokens_per_context, val_tokens), not necessarily the training run's", path)
         dm = OnTheFlyDataModule(**(recorded["on_the_fly"] or {"model_dir": source_model_dir(shards)}),
                                 batch_size=cfg.batch_size, val_batch_size=cfg.batch_size, d_in=sae.W_enc.shape[0],
                                 normalize=False, lr_windows=lr_windows, device=cfg.device)

@@ -70,6 +70,7 @@ def load_inputs(ckpt_path: str, log_dir: str | Path, shards: str | None = None, 
     shards = shards or recorded["shards"]
     if source_model_dir(shards):  # trained on the fly: the transformer is named in the source itself
         transformer = transformer or source_model_dir(shards)
+        token_store = token_store or (recorded.get("on_the_fly") or {}).get("token_store")
     elif shards and Path(shards, "manifest.json").is_file():
         manifest = read_manifest(shards)
     elif not (transformer and token_store):
