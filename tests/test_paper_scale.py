@@ -67,6 +67,7 @@ def test_on_the_fly_sae_run_builds_the_transformer_and_no_cache(tmp_path):
     ("sae", ["data=on_the_fly", "scale.sae.max_steps=100000"], "activations would repeat"),
     ("cache", ["scale.cache.n_contexts=1000000"], "asks for 1,000,000 contexts of 32 tokens"),
     ("transformer", ["data=on_the_fly", "scale.transformer.max_steps=100000"], "epochs of the"),
+    ("positions", ["data=on_the_fly", "scale.cache.tokens_per_context=64"], "exceeds the transformer's n_ctx=32"),
 ])
 def test_preflight_stops_before_anything_is_built(what, over, message, tmp_path):
     data = tmp_path / "data"

@@ -296,13 +296,14 @@ def test_bpe_learns_from_training_documents_only(tmp_path):
     assert with_val.get_vocab() != expected.get_vocab()  # the held-out docs would have changed it
 
 
-@pytest.mark.parametrize("first_streaming, then_streaming, max_bytes", [
-    (True, True, 150_000),    # a capped stream killed near its cap: the resumed store stops where the whole one did
-    (False, False, None),     # an Arrow table: resumed by skipping the rows read
-    (False, True, None),      # killed as a table, resumed as a stream (the store key ignores streaming)
+@pytest.mark.parametrize("first_streaming, then_streaming, max_bytes, kills", [
+    (True, True, 150_000, 1),    # a capped stream killed near its cap: the resumed store stops where the whole one did
+    (False, False, None, 1),     # an Arrow table: resumed by skipping the rows read
+    (False, True, None, 1),      # killed as a table, resumed as a stream (the store key ignores streaming)
+    (False, True, None, 2),      # ... and killed again as that stream, then resumed as a stream once more
 ])
 def test_resumed_tokenization_matches_in_every_reading_mode(tmp_path, monkeypatch, first_streaming, then_streaming,
-                                                            max_bytes):
+                                                            max_bytes, kills):
     import monosemantic.data.token_store as ts
 
     data_files = _jsonl_corpus(tmp_path)
@@ -322,8 +323,11 @@ def test_resumed_tokenization_matches_in_every_reading_mode(tmp_path, monkeypatc
         real(path, obj)
 
     monkeypatch.setattr(ts, "write_json_atomic", dying)
-    with pytest.raises(KeyboardInterrupt):
-        build_token_store(cfg(first_streaming), SMALL_TOK, tmp_path / "k", val_fraction=0.1, progress=False, **FAST)
+    for k in range(kills):
+        calls.clear()
+        with pytest.raises(KeyboardInterrupt):
+            build_token_store(cfg(first_streaming if k == 0 else then_streaming), SMALL_TOK, tmp_path / "k",
+                              val_fraction=0.1, progress=False, **FAST)
     monkeypatch.setattr(ts, "write_json_atomic", real)
     resumed = build_token_store(cfg(then_streaming), SMALL_TOK, tmp_path / "k", val_fraction=0.1, progress=False,
                                 **FAST)

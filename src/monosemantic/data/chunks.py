@@ -39,7 +39,9 @@ def stream_state(trainer, resume_batches: int, num_workers: int) -> dict:
     """A datamodule's checkpoint state: the batches this rank has trained on, the stream layout, and how many
     stream slots (ranks × DataLoader workers) split the units: the position means the same only for as many."""
     world = int(trainer.world_size) if trainer is not None else 1
-    return {"train_batches": int(trainer.global_step) if trainer is not None else resume_batches,
+    # one batch per micro-step: optimizer steps × gradient accumulation
+    batches = int(trainer.global_step) * int(trainer.accumulate_grad_batches) if trainer is not None else None
+    return {"train_batches": batches if batches is not None else resume_batches,
             "stream": STREAM_STATE, "slots": world * max(1, num_workers)}
 
 

@@ -178,16 +178,18 @@ class CorpusReader:
         state = state or {}
         self.rows, self.bytes = int(state.get("rows", 0)), int(state.get("bytes", 0))
         self.streaming = isinstance(self.ds, datasets.IterableDataset)
+        self._skipped = False  # positioned by skipping rows: its state is the row count alone
         if self.rows:
             if self.streaming and state.get("dataset") is not None:
                 self.ds.load_state_dict(state["dataset"])  # datasets' own position: no re-reading
             else:  # a table, or a stream resumed from a position recorded without streaming: skip the rows
                 self.ds = self.ds.skip(self.rows)
+                self._skipped = True
 
     def state(self) -> dict:
         """Where the reader is: after the last document it yielded."""
         return {"rows": self.rows, "bytes": self.bytes,
-                "dataset": self.ds.state_dict() if self.streaming else None}
+                "dataset": self.ds.state_dict() if self.streaming and not self._skipped else None}
 
     def _capped(self) -> bool:
         return self.corpus.cfg.max_bytes is not None and self.bytes >= self.corpus.cfg.max_bytes

@@ -207,6 +207,9 @@ def check_cache(ccfg: DictConfig, report: Report, pf: dict, tcfg: DictConfig) ->
         tokens, exact = check_transformer(tcfg, report, pf)
         n_ctx, d_mlp = int(tcfg.data.n_ctx), int(tcfg.model.net.d_mlp)
     k, n = int(settings["tokens_per_context"]), int(settings["n_contexts"])
+    if k > n_ctx:
+        report.add("cache", "positions per context", str(k), f"{n_ctx} in a context",
+                   problem=f"settings.tokens_per_context={k} exceeds the transformer's n_ctx={n_ctx}")
     _contexts_line(report, "cache", n, tokens, n_ctx, exact)
     members = {"acts": (np.dtype(settings.get("dtype", "float16")), (k, d_mlp)), "tokens": (np.int32, (k,)),
                "positions": (np.int32, (k,)), "context": (np.int32, (n_ctx,))}
@@ -243,10 +246,16 @@ def check_sae(cfg: DictConfig, report: Report, pf: dict) -> None:
             tcfg = transformer_config(cfg)
             tokens, exact = check_transformer(tcfg, report, pf)
             n_ctx = int(tcfg.data.n_ctx)
+            if cfg.data.token_store:  # contexts come from this store, whatever the transformer trained on
+                tokens, exact = int(read_meta(cfg.data.token_store)["n_tokens"]["train"]), True
+        k = int(cfg.data.tokens_per_context)
+        if k > n_ctx:
+            report.add("sae", "positions per context", str(k), f"{n_ctx} in a context",
+                       problem=f"data.tokens_per_context={k} exceeds the transformer's n_ctx={n_ctx}")
+            return
         tiles = n_tiles(tokens, n_ctx)
         contexts = int(cfg.data.n_contexts) if cfg.data.n_contexts else tiles
         _contexts_line(report, "sae", contexts, tokens, n_ctx, exact)
-        k = int(cfg.data.tokens_per_context)
         per_pass, allowed = contexts * k, distinct_passes(n_ctx, k)
         passes = need / max(per_pass, 1)
         report.add("sae", "activations (on the fly)", f"{_n(need)} ({passes:.2f} passes)",
