@@ -15,20 +15,16 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import lightning as L
-import torch
-from torch.utils.data import DataLoader, IterableDataset
-
-from monosemantic.data.chunks import check_slots_unchanged, check_stream_state, stream_state
 from monosemantic.data.shards.format import ShardSetError, norm_scale, read_manifest
 from monosemantic.data.shards.reader import ActivationStream, SkippedShards
+from monosemantic.data.stream_datamodule import StreamDataModule
 from monosemantic.data.token_datamodule import TokenWindows, tiled_starts
 from monosemantic.data.token_store import load_split
 
 log = logging.getLogger(__name__)
 
 
-class ActivationDataModule(L.LightningDataModule):
+class ActivationDataModule(StreamDataModule):
     def __init__(self, shards: str | None = None, batch_size: int = 4096, buffer_tokens: int = 262_144,
                  val_shards: int = 1, val_batch_size: int | None = None, num_workers: int = 0, seed: int = 0,
                  d_in: int | None = None, normalize: bool = True, skip_corrupt: bool = False,
@@ -48,12 +44,9 @@ class ActivationDataModule(L.LightningDataModule):
         """
         super().__init__()
         self.save_hyperparameters(logger=False)
-        self.manifest: dict[str, Any] = {}
-        self._resume_batches, self._resume_slots = 0, None
         self.scale = 1.0
         self.train_urls: list[str] = []
         self.val_urls: list[str] = []
-        self.skipped: SkippedShards | None = None  # shared by every stream and worker, made in setup
 
     @property
     def shards_dir(self) -> Path:
@@ -65,12 +58,6 @@ class ActivationDataModule(L.LightningDataModule):
     def source(self) -> str:
         """Where the activations come from (recorded in metrics.json and the export)."""
         return str(self.shards_dir)
-
-    @property
-    def d_in(self) -> int:
-        if not self.manifest:
-            self.setup()
-        return int(self.manifest["d_in"])
 
     def setup(self, stage: str | None = None) -> None:
         if self.manifest:
@@ -110,37 +97,6 @@ class ActivationDataModule(L.LightningDataModule):
         kw.update(overrides)
         return ActivationStream(**kw)
 
-    @property
-    def n_skipped(self) -> int:
-        """Damaged shards skipped (``skip_corrupt=true``) by any stream of this datamodule in this process
-        and its workers, each counted once; the SAE stage sums the ranks' records."""
-        return self.skipped.count() if self.skipped is not None else 0
-
-    def _loader(self, ds: IterableDataset) -> DataLoader:
-        # batches are formed in the stream (batch_size=None); workers each read their own shards
-        return DataLoader(ds, batch_size=None, num_workers=self.hparams.num_workers,
-                          persistent_workers=self.hparams.num_workers > 0)
-
-    def train_dataloader(self) -> DataLoader:
-        if self._resume_batches:
-            check_slots_unchanged(self._resume_slots, getattr(self, "trainer", None), self.hparams.num_workers)
-        return self._loader(self.stream("train", skip_batches=self._resume_batches))
-
-    def state_dict(self) -> dict[str, Any]:
-        """Saved in checkpoints: how many batches this rank's training stream has delivered (one per step);
-        where the next one comes from is arithmetic on the shards' row counts (``data/chunks.py``)."""
-        return stream_state(getattr(self, "trainer", None), self._resume_batches, self.hparams.num_workers)
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restored by Lightning before the dataloaders are built: the resumed stream skips the shards already
-        trained on without reading them and loads only the chunk it resumes in."""
-        self._resume_batches = check_stream_state(state_dict)
-        self._resume_slots = state_dict.get("slots")
-
-    def val_dataloader(self) -> DataLoader | list[DataLoader]:
-        lr = self.lr_loader()
-        return [self._loader(self.stream("val"))] + ([lr] if lr is not None else [])
-
     def lr_windows(self, n_windows: int | None = None) -> TokenWindows | None:
         """Held-out token windows (val split of the token store) for loss recovered, if the set came from text.
 
@@ -154,22 +110,3 @@ class ActivationDataModule(L.LightningDataModule):
             return None
         val = load_split(store, "val")
         return TokenWindows(val, tiled_starts(len(val), int(n_ctx), n_windows), int(n_ctx) - 1)
-
-    def lr_loader(self, n_windows: int | None = None) -> DataLoader | None:
-        windows = self.lr_windows(n_windows)
-        if windows is None:
-            return None
-        return DataLoader(windows, batch_size=self.hparams.lr_batch_size, shuffle=False)
-
-    def sample_activations(self, n_tokens: int, seed: int) -> torch.Tensor:
-        """``[n_tokens, d_in]`` normalised activations from the training shards, shuffled with ``seed``
-        (used by neuron resampling); fewer if the shards hold fewer."""
-        stream = self.stream("train", batch_size=min(n_tokens, 65_536), seed=seed, infinite=False,
-                             drop_last=False)
-        out, n = [], 0
-        for x in stream:
-            out.append(x)
-            n += len(x)
-            if n >= n_tokens:
-                break
-        return torch.cat(out)[:n_tokens]

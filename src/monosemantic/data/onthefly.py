@@ -23,21 +23,14 @@ import random
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
-from monosemantic.data.chunks import (
-    ChunkedStream,
-    RowBuffer,
-    check_slots_unchanged,
-    check_stream_state,
-    stream_state,
-)
+from monosemantic.data.chunks import ChunkedStream, RowBuffer
 from monosemantic.data.contexts import block_positions, context_starts, n_tiles
 from monosemantic.data.shards.format import norm_scale
 from monosemantic.data.shards.reader import SkippedShards
+from monosemantic.data.stream_datamodule import StreamDataModule
 from monosemantic.data.token_datamodule import TokenWindows, tiled_starts
 from monosemantic.data.token_store import load_split
 from monosemantic.models.components.transformer import MLP_HOOK
@@ -119,7 +112,7 @@ class OnTheFlyStream(ChunkedStream):
         return buf
 
 
-class OnTheFlyDataModule(L.LightningDataModule):
+class OnTheFlyDataModule(StreamDataModule):
     def __init__(self, model_dir: str | None = None, token_store: str | None = None, n_contexts: int | None = None,
                  tokens_per_context: int = 64, contexts_per_block: int = 1024, batch_size: int = 4096,
                  buffer_tokens: int = 262_144, val_tokens: int = 65_536, val_batch_size: int = 8192,
@@ -143,9 +136,7 @@ class OnTheFlyDataModule(L.LightningDataModule):
         """
         super().__init__()
         self.save_hyperparameters(logger=False)
-        self.manifest: dict[str, Any] = {}
         self.scale = 1.0
-        self._resume_batches, self._resume_slots = 0, None
         self.net: torch.nn.Module | None = None
         self.skipped = SkippedShards([])  # no shards: nothing to skip (the SAE stage reports the count)
 
@@ -157,12 +148,6 @@ class OnTheFlyDataModule(L.LightningDataModule):
     def recorded(self) -> dict:
         """The settings an export records so that ``src/eval.py`` regenerates the same held-out set."""
         return {k: self.hparams[k] for k in RECORDED}
-
-    @property
-    def d_in(self) -> int:
-        if not self.manifest:
-            self.setup()
-        return int(self.manifest["d_in"])
 
     def setup(self, stage: str | None = None) -> None:
         if self.manifest:
@@ -224,30 +209,6 @@ class OnTheFlyDataModule(L.LightningDataModule):
                              "data.num_workers=0 to generate activations on the GPU")
         return OnTheFlyStream(**kw)
 
-    @property
-    def n_skipped(self) -> int:
-        return 0
-
-    def _loader(self, ds) -> DataLoader:
-        return DataLoader(ds, batch_size=None, num_workers=self.hparams.num_workers,
-                          persistent_workers=self.hparams.num_workers > 0)
-
-    def train_dataloader(self) -> DataLoader:
-        if self._resume_batches:
-            check_slots_unchanged(self._resume_slots, getattr(self, "trainer", None), self.hparams.num_workers)
-        return self._loader(self.stream("train", skip_batches=self._resume_batches))
-
-    def val_dataloader(self) -> list[DataLoader]:
-        lr = self.lr_loader()
-        return [self._loader(self.stream("val"))] + ([lr] if lr is not None else [])
-
-    def state_dict(self) -> dict[str, Any]:
-        return stream_state(getattr(self, "trainer", None), self._resume_batches, self.hparams.num_workers)
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._resume_batches = check_stream_state(state_dict)
-        self._resume_slots = state_dict.get("slots")
-
     # -- held-out token windows and samples --------------------------------------------------------------
     def lr_windows(self, n_windows: int | None = None) -> TokenWindows | None:
         self.setup()
@@ -257,18 +218,6 @@ class OnTheFlyDataModule(L.LightningDataModule):
         n_ctx = int(self.manifest["n_ctx"])
         return TokenWindows(self.val_tokens, tiled_starts(len(self.val_tokens), n_ctx, n_windows), n_ctx - 1)
 
-    def lr_loader(self, n_windows: int | None = None) -> DataLoader | None:
-        windows = self.lr_windows(n_windows)
-        return None if windows is None else DataLoader(windows, batch_size=self.hparams.lr_batch_size)
-
-    def sample_activations(self, n_tokens: int, seed: int) -> torch.Tensor:
-        """``[n_tokens, d_in]`` normalised training activations in an order shuffled with ``seed`` (for the
-        decoder-bias init and neuron resampling): the first chunks of a pass ordered by that seed."""
-        out, n = [], 0
-        for x in self.stream("train", batch_size=min(n_tokens, 65_536), buffer_tokens=n_tokens, seed=seed,
-                             position_seed=self.hparams.seed, infinite=False, drop_last=False):  # one chunk
-            out.append(x)
-            n += len(x)
-            if n >= n_tokens:
-                break
-        return torch.cat(out)[:n_tokens]
+    def _sample_overrides(self, n_tokens: int) -> dict[str, Any]:
+        # one chunk just big enough, at the positions training draws (the data seed), in the seed's order
+        return {"buffer_tokens": n_tokens, "position_seed": self.hparams.seed}

@@ -101,8 +101,8 @@ def free_bytes(path: str | Path) -> int:
 
 
 def _settings(cfg: DictConfig) -> dict:
-    return {"enabled": True, "max_transformer_epochs": 10.0, "allow_repeats": False, "bytes_per_token": 3.2,
-            "disk_margin_gb": 1.0, **(cfg.get("preflight") or {})}
+    """The run's ``preflight`` block (``configs/train.yaml``, ``configs/cache_activations.yaml``)."""
+    return OmegaConf.to_container(cfg.preflight, resolve=True)
 
 
 def _world(cfg: DictConfig) -> int:
