@@ -33,6 +33,10 @@ def test_experiment_fast_dev_run(experiment, token_store, tiny_shards, data_root
         assert "val/loss" in metrics
         assert (tmp_path / "export" / "model.safetensors").is_file()
         assert json.loads((tmp_path / "export" / "config.json").read_text())["model"]["d_mlp"] == TINY_NET["d_mlp"]
+    elif experiment == "sae_sweep":  # its SAEs each get a run folder of their own (tests/test_sweep.py)
+        rows = json.loads((tmp_path / "sweep.json").read_text())
+        assert len(rows) == 4 and all((tmp_path / r["metrics"]).is_file() for r in rows)
+        assert {r["d_sae"] for r in rows} == {1024, 4096} and {r["l1_coeff"] for r in rows} == {3e-3, 6e-3}
     else:
         final = json.loads((tmp_path / "metrics.json").read_text())
         for key in ("l0", "explained_variance", "loss_recovered", "dead_frac", "dense_frac", "kl",

@@ -22,12 +22,18 @@ class DensityPlots(L.Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
-        step = trainer.global_step
-        out = Path(trainer.default_root_dir) / self.dirname
-        for split, log10_density in getattr(pl_module, "last_log10_density", {}).items():
+        if hasattr(pl_module, "members"):  # a sweep: each SAE's plots in its own folder and W&B run
+            for module, root, loggers in zip(pl_module.members, pl_module.member_dirs, pl_module.member_loggers):
+                self._draw(module, Path(root), loggers, trainer.global_step)
+        else:
+            self._draw(pl_module, Path(trainer.default_root_dir), trainer.loggers, trainer.global_step)
+
+    def _draw(self, module: L.LightningModule, root: Path, loggers: list, step: int) -> None:
+        for split, log10_density in getattr(module, "last_log10_density", {}).items():
             title = f"{split} feature density, step {step}"
-            save_density_histogram(log10_density, out / f"{split}_density_step{step:07d}.png", title=title)
-            for lg in trainer.loggers if self.wandb else []:
+            save_density_histogram(log10_density, root / self.dirname / f"{split}_density_step{step:07d}.png",
+                                   title=title)
+            for lg in loggers if self.wandb else []:
                 if type(lg).__name__ == "WandbLogger":
                     import wandb
 

@@ -126,17 +126,25 @@ class NeuronResampler(L.Callback):
         if step not in self.resample_steps or step in self.done_steps:
             return
         self.done_steps.append(step)
-        n = self.resample(trainer, pl_module, step)
-        self.history.append({"step": step, "n_resampled": n})
-        # straight to the loggers: `self.log` on_step would be dropped unless the step is a multiple of
-        # trainer.log_every_n_steps, and every resampling event must be recorded
-        if trainer.is_global_zero:
-            for lg in trainer.loggers:
-                lg.log_metrics({"resample/n_resampled": float(n), "resample/step": float(step)}, step=step)
+        # an SAESweepModule resamples each of its SAEs from one draw of inputs (the draw a solo run makes)
+        members = list(getattr(pl_module, "members", [pl_module]))
+        inputs: list[torch.Tensor] = []
+        for i, module in enumerate(members):
+            n = self.resample(trainer, module, step, inputs)
+            self.history.append({"step": step, "n_resampled": n, **({"member": i} if len(members) > 1 else {})})
+            # straight to the loggers: `self.log` on_step would be dropped unless the step is a multiple of
+            # trainer.log_every_n_steps, and every resampling event must be recorded
+            if trainer.is_global_zero:
+                loggers = pl_module.member_loggers[i] if module is not pl_module else trainer.loggers
+                for lg in loggers:
+                    lg.log_metrics({"resample/n_resampled": float(n), "resample/step": float(step)}, step=step)
 
     @torch.no_grad()
-    def resample(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> int:
-        """Find dead features, resample them and reset their counters; returns how many were resampled."""
+    def resample(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int,
+                 inputs: list[torch.Tensor] | None = None) -> int:
+        """Find dead features of ``pl_module`` (an :class:`SAEModule`), resample them and reset their counters;
+        returns how many were resampled. ``inputs`` caches the step's scored-input draw across the SAEs of a
+        sweep (empty: draw and fill it)."""
         sae: SparseAutoencoder = pl_module.sae
         counter_F: torch.Tensor = pl_module.tokens_since_fired
         dead_F = (counter_F >= self.dead_window_tokens).nonzero().squeeze(1)
@@ -146,8 +154,10 @@ class NeuronResampler(L.Callback):
             return 0
 
         seed = self.seed + step  # a fresh but reproducible draw at each resampling step
-        inputs_NM = trainer.datamodule.sample_activations(self.n_loss_inputs, seed=seed)
-        inputs_NM = inputs_NM.to(device=sae.W_dec.device, dtype=sae.W_dec.dtype)
+        if not inputs:
+            inputs = [] if inputs is None else inputs
+            inputs.append(trainer.datamodule.sample_activations(self.n_loss_inputs, seed=seed))
+        inputs_NM = inputs[0].to(device=sae.W_dec.device, dtype=sae.W_dec.dtype)
         if inputs_NM.shape[0] < dead_F.numel():
             log.warning("resampling at step %d: only %d inputs for %d dead features; resampling %d",
                         step, inputs_NM.shape[0], dead_F.numel(), inputs_NM.shape[0])
@@ -161,6 +171,7 @@ class NeuronResampler(L.Callback):
         dead_F = trainer.strategy.broadcast(dead_F.cpu(), src=0)
 
         dead_F = dead_F.to(sae.W_dec.device)
+        # the optimizer's state is found by parameter identity: a sweep's one optimizer holds every member's
         _apply_resample(sae, trainer.optimizers[0], dead_F, chosen_KM.to(inputs_NM), self.enc_norm_scale)
         counter_F[dead_F.to(counter_F.device)] = 0
         log.info("resampled %d of %d features at step %d (dead: silent for >= %d tokens; %d inputs scored "

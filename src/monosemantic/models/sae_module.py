@@ -126,7 +126,10 @@ class SAEModule(L.LightningModule):
         out = self.sae(x_NM)
         return (out.x_hat - x_NM).pow(2).mean(-1) + self.l1_coeff_now() * out.feats.sum(-1)
 
-    def training_step(self, x_BM: torch.Tensor, batch_idx: int) -> torch.Tensor:
+    def train_loss(self, x_BM: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+        """One step's loss on a batch and what it logs; updates the firing counters. ``training_step`` logs
+        it through Lightning; :class:`~monosemantic.models.sae_sweep.SAESweepModule` calls it for each of
+        its SAEs on the same batch and logs each into that SAE's own run."""
         B, d_sae = x_BM.shape[0], self.hparams.d_sae
         if self.hparams.sparse_step and float(self.last_l0) < self.hparams.sparse_max_density * d_sae:
             out = sparse_forward(self.sae, x_BM)
@@ -143,10 +146,15 @@ class SAEModule(L.LightningModule):
             l0 = float(fires_F.sum()) / B
             self.last_l0.fill_(l0)
             self._count_firing(fires_F, B)
-            self.log_dict({"train/loss": loss, "train/mse": mse / self.norm_scale**2, "train/mse_normalized": mse,
-                           "train/l1": l1, "train/l0": l0, "train/dead_frac": self.dead_frac(),
-                           "train/l1_coeff": self.l1_coeff_now()}, on_step=True, on_epoch=False, prog_bar=False)
-            self.log("train/tokens", self.tokens_seen.float(), on_step=True, on_epoch=False)
+            logs = {"train/loss": loss.detach(), "train/mse": mse.detach() / self.norm_scale**2,
+                    "train/mse_normalized": mse.detach(), "train/l1": l1.detach(), "train/l0": l0,
+                    "train/dead_frac": self.dead_frac(), "train/l1_coeff": self.l1_coeff_now()}
+        return loss, logs
+
+    def training_step(self, x_BM: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        loss, logs = self.train_loss(x_BM)
+        self.log_dict(logs, on_step=True, on_epoch=False, prog_bar=False)
+        self.log("train/tokens", self.tokens_seen.float(), on_step=True, on_epoch=False)
         return loss
 
     def _count_firing(self, fires_F: torch.Tensor, batch_tokens: int) -> None:
@@ -172,15 +180,19 @@ class SAEModule(L.LightningModule):
         super().optimizer_step(*args, **kwargs)
         self.sae.normalize_decoder_()
 
-    def configure_optimizers(self):
-        opt = self.optimizer_factory(params=self.sae.parameters())
-        total = max(1, int(self.trainer.estimated_stepping_batches))
+    def lr_lambda(self, total_steps: int) -> Callable[[int], float]:
+        """The LR schedule's factor at each step: constant, then linear decay to 0 from ``lr_decay_start``."""
+        total = max(1, int(total_steps))
         start = int(self.hparams.lr_decay_start * total)
 
-        def lr_lambda(step: int) -> float:
+        def factor(step: int) -> float:
             return 1.0 if step < start else max(0.0, (total - step) / max(1, total - start))
 
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+        return factor
+
+    def configure_optimizers(self):
+        opt = self.optimizer_factory(params=self.sae.parameters())
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_lambda(self.trainer.estimated_stepping_batches))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # -- validation -----------------------------------------------------------------------------------
@@ -198,27 +210,35 @@ class SAEModule(L.LightningModule):
             net = self.transformer.to(self.device)
             self.val_metrics.update_tokens(net, batch, self.reconstruct_raw, self._mean_acts)
 
-    def on_validation_epoch_end(self) -> None:
+    def end_validation(self) -> dict[str, torch.Tensor]:
+        """Compute and reset the held-out metrics; roll the training density window. Returns what to log
+        (``val/…`` and ``train/density_window_tokens``, …) and sets ``last_log10_density`` for the plots."""
         if self.val_metrics is None:
-            return
+            return {}
         metrics = self.val_metrics.compute_and_reset()
         density = {"val": metrics.pop("log10_density")}
         metrics["mse"] = metrics["mse"] / self.norm_scale**2  # reported on raw activations, like eval and export
         if "loss_recovered" not in metrics and not self._lr_warned and self.trainer.is_global_zero:
             log.warning("val/loss_recovered not logged: %s", self.lr_skip_reason or "no held-out token windows")
             self._lr_warned = True
-        self.log_dict({f"val/{k}": v for k, v in metrics.items()}, sync_dist=False)
+        logs = {f"val/{k}": v for k, v in metrics.items()}
         if not self.trainer.sanity_checking and int(self.window_tokens) > 0:
             window = self.val_metrics.summarize_density(self.window_fires, self.window_tokens)
             density["train"] = window.pop("log10_density")
             # dead over this window is train/dead_frac's job (its own window, dead_window_tokens)
-            self.log_dict({"train/density_window_tokens": window["n_tokens"],
-                           **{f"train/{k}": window[k] for k in ("dense_frac", "ultralow_frac") if k in window}})
+            logs.update({"train/density_window_tokens": window["n_tokens"],
+                         **{f"train/{k}": window[k] for k in ("dense_frac", "ultralow_frac") if k in window}})
             self.last_window_fires.copy_(self.window_fires)
             self.last_window_tokens.copy_(self.window_tokens)
             self.window_fires.zero_()
             self.window_tokens.zero_()
         self.last_log10_density = density
+        return logs
+
+    def on_validation_epoch_end(self) -> None:
+        logs = self.end_validation()
+        if logs:
+            self.log_dict(logs, sync_dist=False)
 
     def density_window(self) -> tuple[torch.Tensor, int]:
         """The longer of the current and the last completed training density window: (fire counts, tokens)."""

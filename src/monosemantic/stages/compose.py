@@ -100,9 +100,11 @@ def compose_stage(config_name: str, overrides: list[str], parent: DictConfig, ou
     return cfg
 
 
-def build_trainer(cfg: DictConfig, extra_callbacks: list | None = None) -> tuple[L.Trainer, list]:
+def build_trainer(cfg: DictConfig, extra_callbacks: list | None = None,
+                  loggers: list | None = None) -> tuple[L.Trainer, list]:
+    """The run's trainer with its callbacks and loggers (``loggers``: these instead of ``cfg.logger``'s)."""
     callbacks = instantiate_callbacks(cfg.get("callbacks")) + (extra_callbacks or [])
-    loggers = instantiate_loggers(cfg.get("logger"))
+    loggers = instantiate_loggers(cfg.get("logger")) if loggers is None else loggers
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     return trainer, loggers
 

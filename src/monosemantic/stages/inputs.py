@@ -41,8 +41,12 @@ class ReadingInputs:
 
 
 def latest_export(log_dir: str | Path) -> Path:
-    """The newest SAE export under ``logs/`` (``<task>/runs/<stamp>/export``, also inside multiruns)."""
-    found = [*Path(log_dir).glob("*/*/*/export/cfg.json"), *Path(log_dir).glob("*/multiruns/*/*/export/cfg.json")]
+    """The newest SAE export under ``logs/``: ``<task>/runs/<stamp>/export``, a multirun job's
+    (``multiruns/<stamp>/<job>/export``), or one SAE of a sweep (``…/saes/<name>/export``)."""
+    root = Path(log_dir)
+    found = [p for pattern in ("*/*/*/export/cfg.json", "*/*/*/saes/*/export/cfg.json",
+                               "*/multiruns/*/*/export/cfg.json")  # the last: the layout before v0.4's
+             for p in root.glob(pattern)]
     if not found:
         raise FileNotFoundError(f"ckpt_path=latest: no SAE export under {log_dir} (none of "
                                 "<task>/runs/<stamp>/export/cfg.json): run `make train`, or pass ckpt_path=<export "

@@ -11,6 +11,7 @@ normalisation scale, λ on normalised and raw activations, skipped shards, the s
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from pathlib import Path
@@ -18,21 +19,23 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from monosemantic.evaluation import evaluate, lr_absent_reason, no_windows_reason, splice_transformer
 from monosemantic.export import export_sae
 from monosemantic.metrics import density_summary
+from monosemantic.models.sae_sweep import SAESweepModule
 from monosemantic.plots import save_density_histogram
 from monosemantic.stages import artifacts, preflight
 from monosemantic.stages import cache as cache_stage
 from monosemantic.stages import transformer as transformer_stage
 from monosemantic.stages.compose import build_trainer
-from monosemantic.stages.summary import print_summary
-from monosemantic.utils.hydra_utils import log_hyperparameters
+from monosemantic.stages.summary import print_summary, print_sweep_table, sweep_row
+from monosemantic.utils.hydra_utils import instantiate_loggers, log_hyperparameters
 from monosemantic.utils.io import write_json_atomic
 
 log = logging.getLogger(__name__)
+_MISSING = object()
 
 
 def union_skipped(all_ranks: torch.Tensor, before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
@@ -40,6 +43,70 @@ def union_skipped(all_ranks: torch.Tensor, before: torch.Tensor, after: torch.Te
     summed over ranks after training, plus what this rank skipped since (its final evaluation)."""
     flags = ((all_ranks[:-1] > 0) | (after[:-1] > 0)).to(torch.int64)
     return torch.cat([flags, (all_ranks[-1] + after[-1] - before[-1]).reshape(1)])
+
+
+def bounded_objective(final: dict, spec: DictConfig | dict | None) -> float | None:
+    """A sweeper's objective, fidelity at a bounded L0 (``hparams_search=sae_optuna``):
+    ``final[spec.fidelity] − max(0, L0 / spec.max_l0 − 1)``; None without a spec. A fidelity the run did not
+    measure (loss recovered with no transformer behind the shards) is an error naming the key."""
+    if not spec:
+        return None
+    key, max_l0 = spec.get("fidelity", "loss_recovered"), float(spec["max_l0"])
+    if key not in final:
+        raise KeyError(f"objective.fidelity={key!r} was not measured by this run (measured: "
+                       f"{sorted(k for k, v in final.items() if isinstance(v, float))}); "
+                       f"{final.get('loss_recovered_skipped', '')}")
+    return float(final[key]) - max(0.0, float(final["l0"]) / max_l0 - 1.0)
+
+
+def member_configs(cfg: DictConfig) -> list[tuple[str, DictConfig]]:
+    """The SAEs this run trains: ``saes.grid`` (``{model key: [values]}``), when set, is a grid over the
+    model config, each point one SAE trained side by side from one stream (``experiment=sae_sweep``); named
+    by its point, ``d_sae=1024,l1_coeff=0.003``. Without a grid: ``cfg.model`` alone, named ``""``."""
+    grid = (cfg.get("saes") or {}).get("grid")
+    if not grid:
+        return [("", cfg.model)]
+    base = OmegaConf.to_container(cfg.model, resolve=True)
+    keys, values = list(grid), []
+    for key in keys:
+        if OmegaConf.select(cfg.model, key, default=_MISSING) is _MISSING:
+            raise KeyError(f"saes.grid.{key}: model.{key} is not a key of the SAE config ({cfg.model._target_})")
+        vals = grid[key]
+        values.append(list(vals) if isinstance(vals, ListConfig | list | tuple) else [vals])
+    out = []
+    for point in itertools.product(*values):
+        member = OmegaConf.create(base)
+        for key, value in zip(keys, point):
+            OmegaConf.update(member, key, value, merge=False)
+        out.append((",".join(f"{key.split('.')[-1]}={value:g}" if isinstance(value, float)
+                             else f"{key.split('.')[-1]}={value}" for key, value in zip(keys, point)), member))
+    if len({name for name, _ in out}) != len(out):
+        raise ValueError(f"saes.grid {dict(grid)} names two SAEs alike: give each grid key a distinct last part")
+    return out
+
+
+def member_logger_configs(cfg: DictConfig, name: str, root: Path) -> dict:
+    """The run's logger configs for one SAE of a sweep: everything that wrote into the run's folder writes
+    into the SAE's (``root``: ``<run>/saes/<name>``); a W&B logger becomes its own run, named
+    ``<run name>/<name>``, beside the others in this process (``reinit="create_new"``), all in one group: the
+    multirun's, or ``<task_name>/<run folder>``."""
+    out_dir = str(cfg.paths.output_dir)
+    confs = OmegaConf.to_container(cfg.logger, resolve=True) if cfg.get("logger") else {}
+    member: dict = {}
+    for key, conf in (confs or {}).items():
+        if conf is None:
+            continue
+        conf = {k: (str(root) + v[len(out_dir):] if isinstance(v, str) and v.startswith(out_dir) else v)
+                for k, v in conf.items()}
+        if str(conf.get("_target_", "")).endswith("WandbLogger"):
+            # one sweep, one group: a run alone would be grouped by its task name, shared by every sweep
+            group = conf.get("group")
+            if group in (None, cfg.task_name):
+                group = f"{cfg.task_name}/{root.parent.parent.name}"
+            conf.update(name=f"{conf.get('name') or cfg.task_name}/{name}", group=group, reinit="create_new",
+                        tags=[*(conf.get("tags") or []), name])
+        member[key] = conf
+    return member
 
 
 def run(cfg: DictConfig) -> dict:
@@ -63,7 +130,16 @@ def run(cfg: DictConfig) -> dict:
     dm.setup("fit")
     with open_dict(cfg):
         cfg.model.d_in = dm.d_in
-    model = hydra.utils.instantiate(cfg.model)
+    members = member_configs(cfg)
+    sweep = members[0][0] != ""
+    out = Path(cfg.paths.output_dir)
+    dirs = [out / "saes" / name if sweep else out for name, _ in members]
+    # each SAE starts from the weights it would get alone with this seed: the generator state after the data
+    rng = torch.get_rng_state()
+    modules = []
+    for _, model_cfg in members:
+        torch.set_rng_state(rng)
+        modules.append(hydra.utils.instantiate(model_cfg))
     n_lr_windows = cfg.get("final_eval_lr_windows")
     transformer, why_not = splice_transformer(dm)
     lr_skip_val = why_not or no_windows_reason(dm)  # validation during training: data.lr_windows windows
@@ -71,31 +147,82 @@ def run(cfg: DictConfig) -> dict:
     for when, reason in (("during training", lr_skip_val), ("in the final evaluation", lr_skip)):
         if reason:
             log.warning("loss recovered is not measured %s: %s", when, reason)
+    spec = cfg.get("objective")
+    if spec and spec.get("fidelity", "loss_recovered") == "loss_recovered" and lr_skip:
+        raise ValueError(f"objective.fidelity=loss_recovered cannot be measured ({lr_skip}): set "
+                         "objective.fidelity=explained_variance, or train on shards with a transformer behind them")
     mean_acts = None
     if cfg.model.ablation == "mean":
         mean_acts = dm.sample_activations(65_536, seed=1).mean(0) / dm.scale
-    model.attach_data(dm.scale, transformer, mean_acts, lr_skip_val)
+    for module in modules:
+        module.attach_data(dm.scale, transformer, mean_acts, lr_skip_val)
+    data_facts = {"data/norm_scale": dm.scale, "data/n_tokens": dm.manifest["n_tokens"]}
+    if sweep:
+        model = SAESweepModule(modules, [name for name, _ in members])
+        model.member_dirs = [str(d) for d in dirs]
+        member_loggers = []
+        for (name, model_cfg), root in zip(members, dirs):
+            lgs = instantiate_loggers(OmegaConf.create(member_logger_configs(cfg, name, root)))
+            member_cfg = cfg.copy()
+            with open_dict(member_cfg):
+                member_cfg.model = model_cfg
+            log_hyperparameters(member_cfg, lgs, {**data_facts, "model/l1_coeff_raw": model_cfg.l1_coeff / dm.scale,
+                                                  "sweep/member": name})
+            member_loggers.append(lgs)
+        model.member_loggers = member_loggers
+        # the trainer's own loggers (the run's folder: the summed loss, the LR) are the file loggers; each SAE's
+        # W&B run is its own
+        trainer, loggers = build_trainer(cfg, loggers=instantiate_loggers(cfg.get("logger"), wandb=False))
+    else:
+        model = modules[0]
+        member_loggers = []
+        trainer, loggers = build_trainer(cfg)
+        log_hyperparameters(cfg, loggers, {**data_facts, "model/l1_coeff_raw": cfg.model.l1_coeff / dm.scale})
+    try:
+        trainer.fit(model, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+        timings["train SAE" + ("s" if sweep else "")] = time.time() - t0
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        # every rank reads its own shards: the damaged ones any rank skipped (a collective, so before rank 0 goes on)
+        skipped = trainer.strategy.reduce(dm.skipped.as_tensor().to(trainer.strategy.root_device), reduce_op="sum")
+        skipped = skipped.cpu()
+        if not trainer.is_global_zero:
+            return metrics
+        finals = []
+        for (name, model_cfg), module, root, lgs in zip(members, modules, dirs, member_loggers or [loggers]):
+            final = finish_sae(cfg, model_cfg, module, dm, trainer, root, transformer, lr_skip, mean_acts,
+                               skipped, report, ledger, dict(timings), name=name)
+            final_logs = {f"final/{k}": v for k, v in final.items() if isinstance(v, float | int)
+                          and not isinstance(v, bool)}
+            for lg in lgs:
+                lg.log_metrics(final_logs, step=trainer.global_step)
+            finals.append(final)
+            prefix = f"final/{name}/" if sweep else "final/"
+            metrics.update({prefix + k[len("final/"):]: v for k, v in final_logs.items()})
+        if sweep:
+            rows = [sweep_row(name, final, (root / "metrics.json").relative_to(out))
+                    for (name, _), final, root in zip(members, finals, dirs)]
+            print_sweep_table(rows, out / "sweep.md")
+    finally:
+        for lg in (lg for lgs in member_loggers for lg in lgs):
+            lg.finalize("success")  # the trainer finalizes only its own loggers (CSV: writes metrics.csv)
+            if type(lg).__name__ == "WandbLogger" and getattr(lg, "_experiment", None) is not None:
+                lg.experiment.finish()  # a reinit="create_new" run is not wandb.run: finish_wandb() misses it
+    return metrics
 
-    trainer, loggers = build_trainer(cfg)
-    log_hyperparameters(cfg, loggers, {"data/norm_scale": dm.scale, "data/n_tokens": dm.manifest["n_tokens"],
-                                       "model/l1_coeff_raw": cfg.model.l1_coeff / dm.scale})
-    trainer.fit(model, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
-    timings["train SAE"] = time.time() - t0
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-    # every rank reads its own shards: the damaged ones any rank skipped (a collective, so before rank 0 goes on)
-    skipped = trainer.strategy.reduce(dm.skipped.as_tensor().to(trainer.strategy.root_device), reduce_op="sum")
-    skipped_before_eval = dm.skipped.as_tensor()
-    skipped = skipped.cpu()
-    if not trainer.is_global_zero:
-        return metrics
 
+def finish_sae(cfg: DictConfig, model_cfg: DictConfig, model, dm, trainer: L.Trainer, out: Path, transformer,
+               lr_skip: str | None, mean_acts, skipped: torch.Tensor, report, ledger: artifacts.Ledger,
+               timings: dict[str, float], name: str = "") -> dict:
+    """Rank 0, after fit: one SAE's held-out evaluation, density plots, export and ``metrics.json`` in ``out``,
+    and its summary. ``skipped``: the damaged shards every rank skipped during training."""
     t0 = time.time()
-    out = Path(cfg.paths.output_dir)
+    n_lr_windows = cfg.get("final_eval_lr_windows")
+    skipped_before_eval = dm.skipped.as_tensor()
     device = trainer.strategy.root_device
     sae = model.sae.float()
     final = evaluate(sae, dm.stream("val", batch_size=8192, split_nodes=False),
                      dm.lr_loader(n_lr_windows) if lr_skip is None else None, transformer, dm.scale,
-                     cfg.model.ablation, mean_acts, device)
+                     model_cfg.ablation, mean_acts, device)
     sae = sae.cpu()
     skipped = union_skipped(skipped, skipped_before_eval, dm.skipped.as_tensor())  # + what the final eval skipped
     skipped_names = [Path(u).name for u, n in zip(dm.skipped.urls, skipped.tolist()) if n]
@@ -106,41 +233,47 @@ def run(cfg: DictConfig) -> dict:
     save_density_histogram(window["log10_density"], out / "plots" / "final_train_window_density.png",
                            title=f"training-window feature density ({window_tokens:,} tokens)")
     lr_windows = len(dm.lr_windows(n_lr_windows) or []) if lr_skip is None else 0
+    source = "on_the_fly" if preflight.on_the_fly(cfg) else "cache"
     export_dir = export_sae(
         sae, out / "export", dm.scale, dm.manifest.get("hook", "blocks.0.mlp.hook_post"),
         int(dm.manifest.get("n_ctx") or 0),
-        extra_metadata={"l1_coeff": cfg.model.l1_coeff, "l1_reduction": cfg.model.l1_reduction,
-                        "l1_coeff_raw": cfg.model.l1_coeff / dm.scale,
+        extra_metadata={"l1_coeff": model_cfg.l1_coeff, "l1_reduction": model_cfg.l1_reduction,
+                        "l1_coeff_raw": model_cfg.l1_coeff / dm.scale,
                         "dataset_path": dm.source, "val_shards": cfg.data.get("val_shards"),
-                        "activation_source": "on_the_fly" if preflight.on_the_fly(cfg) else "cache",
+                        "activation_source": source,
                         "final_eval_lr_windows": lr_windows or None, "training_tokens": int(model.tokens_seen),
-                        **({"on_the_fly": dm.recorded()} if preflight.on_the_fly(cfg) else {})},
+                        **({"sweep_member": name} if name else {}),
+                        **({"on_the_fly": dm.recorded()} if source == "on_the_fly" else {})},
         log10_density=log10_density)
     timings["eval + export"] = time.time() - t0
     final.update({
-        "l1_coeff": cfg.model.l1_coeff, "l1_reduction": cfg.model.l1_reduction,
+        "l1_coeff": model_cfg.l1_coeff, "l1_reduction": model_cfg.l1_reduction,
         # the loss is s²·(MSE_raw + (λ/s)·Σ f_raw): λ/s is the coefficient that acts on raw activations
-        "norm_scale": dm.scale, "l1_coeff_raw": cfg.model.l1_coeff / dm.scale,
-        "d_sae": cfg.model.d_sae, "training_tokens": int(model.tokens_seen),
-        "dead_window_tokens": int(cfg.model.dead_window_tokens),
+        "norm_scale": dm.scale, "l1_coeff_raw": model_cfg.l1_coeff / dm.scale,
+        "d_sae": model_cfg.d_sae, "lr": OmegaConf.select(model_cfg, "optimizer.lr"),
+        "training_tokens": int(model.tokens_seen),
+        "dead_window_tokens": int(model_cfg.dead_window_tokens),
         # dead = silent for the whole dead window: measurable once training has seen that many tokens
         **({"train_dead_frac": float(model.dead_frac())}
-           if int(model.tokens_seen) >= int(cfg.model.dead_window_tokens) else {}),
+           if int(model.tokens_seen) >= int(model_cfg.dead_window_tokens) else {}),
         "train_density_window_tokens": int(window_tokens), "train_dense_frac": float(window["dense_frac"]),
         **({"train_ultralow_frac": float(window["ultralow_frac"])} if "ultralow_frac" in window else {}),
         "lr_windows": lr_windows, "n_skipped_shards": len(skipped_names) + int(skipped[-1]),
         "skipped_shards": skipped_names,
+        **({"sweep_member": name} if name else {}),
         "stages": [r.as_dict() for r in ledger],
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
         "export": str(export_dir), "shards": dm.source,
-        "activation_source": "on_the_fly" if preflight.on_the_fly(cfg) else "cache",
+        "activation_source": source,
         "preflight": report.as_dict()})
     absent = lr_absent_reason(final, lr_skip)
     if absent:
         if absent != lr_skip:
             log.warning("loss recovered is not measured in the final evaluation: %s", absent)
         final["loss_recovered_skipped"] = absent
+    objective = bounded_objective(final, cfg.get("objective"))
+    if objective is not None:
+        final["objective"] = objective
     write_json_atomic(out / "metrics.json", final)
-    print_summary(final, ledger, timings, export_dir, out / "metrics.json")
-    metrics.update({f"final/{k}": v for k, v in final.items() if isinstance(v, float | int)})
-    return metrics
+    print_summary(final, ledger, timings, export_dir, out / "metrics.json", title=f"SAE {name}" if name else "SAE")
+    return final

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from rich.console import Console
@@ -42,8 +43,8 @@ def print_ledger(ledger: list[Record]) -> None:
 
 
 def print_summary(metrics: dict, ledger: list[Record], timings: dict[str, float], export_dir: Path,
-                  metrics_path: Path) -> None:
-    table = Table(title="SAE — held-out metrics", show_header=True)
+                  metrics_path: Path, title: str = "SAE") -> None:
+    table = Table(title=f"{title} — held-out metrics", show_header=True)
     table.add_column("metric")
     table.add_column("value", justify="right")
     for label, key, fmt in ROWS:
@@ -61,3 +62,43 @@ def print_summary(metrics: dict, ledger: list[Record], timings: dict[str, float]
     console = Console()
     console.print(table)
     console.print(f"export:  {export_dir}\nmetrics: {metrics_path}")
+
+
+# one row per SAE of a sweep or per run of a multirun: what the frontier plots, side by side
+SWEEP_COLUMNS = [("SAE", "name", "{}"), ("d_sae", "d_sae", "{:,}"), ("λ", "l1_coeff", "{:g}"), ("lr", "lr", "{:g}"),
+                 ("L0", "l0", "{:.2f}"), ("explained var.", "explained_variance", "{:.4f}"),
+                 ("loss recovered", "loss_recovered", "{:.4f}"), ("dead", "dead_frac", "{:.2%}"),
+                 ("dense > 1e-2", "dense_frac", "{:.2%}"), ("metrics", "metrics", "{}")]
+
+
+def sweep_row(name: str, final: dict, metrics_path: Path | str) -> dict:
+    """One SAE's row: its settings and held-out metrics (``metrics.json``'s keys), and where they are."""
+    row: dict = {"name": name, "metrics": str(metrics_path)}
+    row.update({key: final[key] for _, key, _ in SWEEP_COLUMNS if key in final and key not in row})
+    return row
+
+
+def format_sweep_table(rows: list[dict], title: str) -> tuple[Table, str]:
+    """The rows as a rich table (terminal) and as Markdown (``sweep.md``), missing values as ``–``."""
+    cols = [(label, key, fmt) for label, key, fmt in SWEEP_COLUMNS if any(key in r for r in rows)]
+    table = Table(title=title, show_header=True)
+    for label, _, _ in cols:
+        table.add_column(label, justify="left" if label in ("SAE", "metrics") else "right")
+    lines = [f"# {title}", "", "| " + " | ".join(label for label, _, _ in cols) + " |",
+             "|" + "|".join("---" if label in ("SAE", "metrics") else "---:" for label, _, _ in cols) + "|"]
+    for r in rows:
+        cells = [fmt.format(r[key]) if r.get(key) is not None else "–" for _, key, fmt in cols]
+        table.add_row(*cells)
+        lines.append("| " + " | ".join(cells) + " |")
+    return table, "\n".join(lines) + "\n"
+
+
+def print_sweep_table(rows: list[dict], path: Path, title: str = "sweep — held-out metrics per SAE") -> None:
+    """Print the sweep's table and write it beside the run: ``<path>`` (Markdown) and ``<path>.json`` (rows)."""
+    table, md = format_sweep_table(rows, title)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(md)
+    path.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
+    console = Console()
+    console.print(table)
+    console.print(f"sweep table: {path}")

@@ -36,15 +36,71 @@ def wandb_offline() -> bool:
     return not (netrc.is_file() and "wandb" in netrc.read_text(errors="ignore"))
 
 
+def _multirun_job() -> Any | None:
+    """This job's Hydra config when it is one job of a multirun (a sweep), else None."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None
+    hc = HydraConfig.get()
+    return hc if hc.mode == RunMode.MULTIRUN else None
+
+
+def swept_overrides(hc: Any) -> str:
+    """A multirun job's values of what its sweep varies, ``model.l1_coeff=0.003,model.d_sae=1024``: the keys
+    swept on the command line (``a=1,2``, ``choice(…)``; read from the sweep's ``multirun.yaml``) and the
+    sweeper's ``params`` (``hparams_search=…``). Unknown (no ``multirun.yaml``, no params): every override of the
+    job but the excluded ones (``hydra.job.override_dirname``)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    keys = set(OmegaConf.select(hc, "sweeper.params") or {})
+    master = Path(hc.sweep.dir) / "multirun.yaml"
+    if master.is_file():
+        task = OmegaConf.select(OmegaConf.load(master), "hydra.overrides.task") or []
+        keys |= {o.key_or_group for o in parser.parse_overrides([str(t) for t in task]) if o.is_sweep_override()}
+    if not keys:
+        return str(hc.job.override_dirname)
+    mine = parser.parse_overrides([str(t) for t in hc.overrides.task])
+    return ",".join(f"{o.key_or_group}={o.value()}" for o in mine if o.key_or_group in keys)
+
+
+def wandb_run_name(task_name: str) -> str:
+    """``<task_name>`` alone; in a multirun, ``<task_name>[<what the sweep varies, this job's values>]``, e.g.
+    ``sae_4096[model.l1_coeff=0.003,model.d_sae=1024]``, so the runs of one sweep tell apart at a glance."""
+    hc = _multirun_job()
+    overrides = swept_overrides(hc) if hc is not None else ""
+    name = f"{task_name}[{overrides}]" if overrides else task_name
+    return name if len(name) <= 128 else name[:125] + "..."  # W&B's display-name limit
+
+
+def wandb_group(task_name: str) -> str:
+    """``<task_name>``; in a multirun, ``multirun/<sweep folder>``: every job of one sweep in one W&B group,
+    whatever experiment each job runs."""
+    hc = _multirun_job()
+    return f"multirun/{Path(hc.sweep.dir).name}" if hc is not None else task_name
+
+
+def made_dir(path: str) -> str:
+    """``${made_dir:<path>}``: the folder, created if missing; for paths a plugin opens before any of our code
+    runs (the Optuna sweeper's sqlite file)."""
+    Path(path).mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def register_resolvers() -> None:
-    if not OmegaConf.has_resolver("wandb_offline"):
-        OmegaConf.register_new_resolver("wandb_offline", wandb_offline)
+    for name, fn in (("wandb_offline", wandb_offline), ("wandb_run_name", wandb_run_name),
+                     ("wandb_group", wandb_group), ("made_dir", made_dir)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
 
 
 register_resolvers()
 
 
-def _instantiate_group(group: DictConfig | None, kind: str, base: type) -> list[Any]:
+def _instantiate_group(group: DictConfig | None, kind: str, base: type,
+                       keep: Callable[[DictConfig], bool] | None = None) -> list[Any]:
     out: list[Any] = []
     if not group:
         log.warning("no %s configured", kind)
@@ -57,6 +113,8 @@ def _instantiate_group(group: DictConfig | None, kind: str, base: type) -> list[
         if not isinstance(conf, DictConfig) or "_target_" not in conf:
             raise ValueError(f"{kind} entry {name!r} has no _target_; every {kind} entry must name a class "
                              f"(or be set to null to disable it)")
+        if keep is not None and not keep(conf):
+            continue
         obj = hydra.utils.instantiate(conf)
         if not isinstance(obj, base):
             raise TypeError(f"{kind} entry {name!r} ({conf._target_}) is not a {base.__name__}")
@@ -68,8 +126,10 @@ def instantiate_callbacks(cfg: DictConfig | None) -> list[Callback]:
     return _instantiate_group(cfg, "callbacks", Callback)
 
 
-def instantiate_loggers(cfg: DictConfig | None) -> list[Logger]:
-    return _instantiate_group(cfg, "logger", Logger)
+def instantiate_loggers(cfg: DictConfig | None, wandb: bool = True) -> list[Logger]:
+    """The configured loggers; ``wandb=False`` leaves out W&B (a sweep's SAEs each have their own run)."""
+    keep = None if wandb else (lambda conf: not str(conf._target_).endswith("WandbLogger"))
+    return _instantiate_group(cfg, "logger", Logger, keep)
 
 
 def log_hyperparameters(cfg: DictConfig, loggers: list[Logger], extra: dict | None = None) -> None:
@@ -136,7 +196,13 @@ def metric_value(metrics: dict, name: str | None) -> float | None:
     could not log it (e.g. val/loss_recovered on a shard set with no transformer behind it)."""
     if not name:
         return None
-    if name not in metrics:
+    # the end-of-run evaluation's value (final/<name without its split>) when the run logged one: it is
+    # measured on more held-out data than a validation, and a run shorter than its validation interval has
+    # no val/ value at all
+    final = "final/" + name.split("/", 1)[-1]
+    if final in metrics:
+        name = final
+    elif name not in metrics:
         log.warning("optimized_metric=%r was not logged by this run; logged: %s", name, sorted(metrics))
         return None
     value = metrics[name]
