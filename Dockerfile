@@ -2,6 +2,7 @@
 #   docker build -t monosemantic .
 #   docker run --gpus all --ipc=host -v $PWD/data:/app/data -v $PWD/logs:/app/logs \
 #       -e WANDB_API_KEY monosemantic experiment=sae_4096 trainer=gpu
+#   (arguments after the image go to train.py, -m included: see README "Scaling up")
 FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 
 ENV DEBIAN_FRONTEND=noninteractive \
@@ -25,7 +26,8 @@ RUN pip install torch==2.13.0
 COPY pyproject.toml README.md ./
 COPY src ./src
 COPY configs ./configs
-RUN pip install .
+# the optuna and slurm extras: hparams_search=sae_optuna and hydra/launcher=slurm work inside the image
+RUN pip install ".[optuna,slurm]"
 
 VOLUME ["/app/data", "/app/logs"]
 ENTRYPOINT ["python", "src/train.py"]

@@ -18,8 +18,12 @@ class DumpRankState(L.Callback):
         if trainer.global_step not in self.steps:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        tensors = {f"sae.{k}": v for k, v in pl_module.sae.state_dict().items()}
-        tensors.update(tokens_since_fired=pl_module.tokens_since_fired, tokens_seen=pl_module.tokens_seen,
-                       window_fires=pl_module.window_fires)
+        members = list(getattr(pl_module, "members", [pl_module]))  # an SAESweepModule: each of its SAEs
+        tensors = {}
+        for i, m in enumerate(members):
+            prefix = f"members.{i}." if len(members) > 1 else ""
+            tensors.update({f"{prefix}sae.{k}": v for k, v in m.sae.state_dict().items()})
+            tensors.update({f"{prefix}tokens_since_fired": m.tokens_since_fired, f"{prefix}tokens_seen": m.tokens_seen,
+                            f"{prefix}window_fires": m.window_fires})
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
                   str(self.out_dir / f"step{trainer.global_step}_rank{trainer.global_rank}.safetensors"))

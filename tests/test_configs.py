@@ -32,7 +32,9 @@ def test_experiment_and_scale_resolve(experiment, scale, tmp_path):
     cfg = compose_cfg("train", [f"experiment={experiment}", f"scale={scale}"], tmp_path)
     resolved = OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
     assert resolved["trainer"]["max_steps"] > 0
-    if experiment.startswith("sae_"):
+    if experiment == "sae_sweep":  # a grid over the model config, one SAE per point
+        assert resolved["stage"] == "sae" and resolved["saes"]["grid"]["d_sae"] == [1024, 4096]
+    elif experiment.startswith("sae_"):
         assert resolved["model"]["d_sae"] == int(experiment.split("_")[1])
         assert resolved["stage"] == "sae" and resolved["task_name"] == experiment
 
@@ -103,7 +105,7 @@ def test_debug_and_search_compose(option, tmp_path):
     OmegaConf.to_container(cfg, resolve=True)
 
 
-@pytest.mark.parametrize("name", ["cache_activations", "eval"])
+@pytest.mark.parametrize("name", ["cache_activations", "eval", "frontier"])
 def test_other_entry_configs_compose(name, tmp_path):
     cfg = compose_cfg(name, ["ckpt_path=x"] if name == "eval" else [], tmp_path)
     OmegaConf.to_container(cfg, resolve=True)
@@ -150,3 +152,25 @@ def test_readme_stage_overrides_parse_as_written():
                 parser.parse_overrides([str(v) for v in value])
                 found += 1
     assert found >= 1
+
+
+def test_a_sweeper_gets_the_end_of_run_value_when_there_is_one():
+    from monosemantic.utils.hydra_utils import metric_value
+
+    assert metric_value({"val/loss_recovered": 0.5, "final/loss_recovered": 0.9}, "val/loss_recovered") == 0.9
+    # a job shorter than its validation interval logged no val/ value: the final evaluation's still counts
+    assert metric_value({"final/loss_recovered": 0.8}, "val/loss_recovered") == 0.8
+    assert metric_value({"val/loss": torch.tensor(2.0)}, "val/loss") == 2.0
+    assert metric_value({"final/objective": 0.7}, "final/objective") == 0.7
+    assert metric_value({"val/mse": 1.0}, "val/loss_recovered") is None
+
+
+def test_the_bounded_objective_is_fidelity_inside_the_bound_and_pays_for_each_doubling_past_it():
+    from monosemantic.stages.sae import bounded_objective
+
+    spec = {"fidelity": "loss_recovered", "max_l0": 20}
+    assert bounded_objective({"loss_recovered": 0.9, "l0": 15.0}, spec) == pytest.approx(0.9)
+    assert bounded_objective({"loss_recovered": 0.95, "l0": 40.0}, spec) == pytest.approx(-0.05)
+    assert bounded_objective({"loss_recovered": 0.9, "l0": 15.0}, None) is None
+    with pytest.raises(KeyError, match="objective.fidelity='loss_recovered'"):
+        bounded_objective({"explained_variance": 0.9, "l0": 15.0}, spec)
