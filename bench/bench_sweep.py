@@ -9,6 +9,7 @@ the process's CPU seconds, tokens/s per SAE, and separate/sweep (>1: the sweep i
 
     python bench/bench_sweep.py --shards data/activations/<set> [--k 1 4 8] [--out bench_sweep.json]
     python bench/bench_sweep.py --quick        # a small synthetic shard set built on the fly
+    python bench/bench_sweep.py --shards ... --accelerator gpu --batch 8192   # on a GPU
 """
 
 from __future__ import annotations
@@ -49,14 +50,15 @@ def _sae(dm: ActivationDataModule, d_sae: int, l1: float) -> SAEModule:
     return m
 
 
-def fit(shards: Path, model_fn, batch: int, steps: int, warmup: int, precision: str) -> tuple[float, float]:
+def fit(shards: Path, model_fn, batch: int, steps: int, warmup: int, precision: str,
+        accelerator: str = "cpu") -> tuple[float, float]:
     """Wall and CPU seconds of the steps after ``warmup`` of one fit."""
     torch.manual_seed(0)
     dm = ActivationDataModule(shards=str(shards), batch_size=batch, seed=0, lr_windows=0)
     dm.setup("fit")
     model = model_fn(dm)
     timer = StepTimer()
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, precision=precision, logger=False,
+    trainer = L.Trainer(accelerator=accelerator, devices=1, max_steps=steps, precision=precision, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0, num_sanity_val_steps=0, callbacks=[timer])
     trainer.fit(model, datamodule=dm)
@@ -86,6 +88,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--precision", default="bf16-mixed")
+    ap.add_argument("--accelerator", default="cpu", help="cpu | gpu")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     tmp = None
@@ -102,9 +105,9 @@ def main() -> None:
         sweep, separate = [], []
         for _ in range(args.repeats):
             sweep.append(fit(args.shards, sweep_model(lams, args.d_sae), args.batch, args.steps, args.warmup,
-                             args.precision))
+                             args.precision, args.accelerator))
             runs = [fit(args.shards, solo_model(lam, args.d_sae), args.batch, args.steps, args.warmup,
-                        args.precision) for lam in lams]
+                        args.precision, args.accelerator) for lam in lams]
             separate.append((sum(w for w, _ in runs), sum(c for _, c in runs)))
         tokens = (args.steps - args.warmup) * args.batch
         sw, sc = statistics.median(w for w, _ in sweep), statistics.median(c for _, c in sweep)

@@ -77,6 +77,7 @@ def frontier_figure(rows: list[dict], title: str = "sparsity vs fidelity") -> Fi
                 ax.annotate(f"λ={lam:g}" if lam is not None else r["name"], (r["l0"], r[key]),
                             textcoords="offset points", xytext=(4, 4), fontsize=7)
         ax.set_xscale("log")
+        ax.margins(x=0.08, y=0.1)  # room for the labels of the outermost points
         ax.set_xlabel("L0 (features active per token, held out)")
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
