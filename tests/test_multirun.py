@@ -136,7 +136,9 @@ def test_the_submitit_launcher_runs_a_job(shards, tmp_path):
 
 def test_the_slurm_launcher_config_asks_one_task_per_gpu(tmp_path):
     from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
 
+    GlobalHydra.instance().clear()  # other tests leave one initialised, as a real run would
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         cfg = compose("train", ["experiment=sae_4096", "trainer=ddp", "trainer.devices=8", "trainer.num_nodes=2",
                                 "hydra/launcher=slurm"], return_hydra_config=True)
