@@ -26,6 +26,9 @@ def test_groups_exist():
         assert needed <= set(options(group)), group
 
 
+VARIANTS = {"sae_topk": "topk", "sae_batchtopk": "batchtopk", "sae_jumprelu": "jumprelu", "sae_april": "standard"}
+
+
 @pytest.mark.parametrize("scale", options("scale"))
 @pytest.mark.parametrize("experiment", options("experiment"))
 def test_experiment_and_scale_resolve(experiment, scale, tmp_path):
@@ -34,6 +37,14 @@ def test_experiment_and_scale_resolve(experiment, scale, tmp_path):
     assert resolved["trainer"]["max_steps"] > 0
     if experiment == "sae_sweep":  # a grid over the model config, one SAE per point
         assert resolved["stage"] == "sae" and resolved["saes"]["grid"]["d_sae"] == [1024, 4096]
+    elif experiment in VARIANTS:  # a delta on sae_4096: its architecture, named by it and the size
+        assert resolved["model"]["d_sae"] == 4096 and resolved["stage"] == "sae"
+        assert resolved["task_name"] == f"{experiment}_4096"
+        assert resolved["model"]["architecture"] == VARIANTS[experiment]
+        with open_dict(cfg):
+            cfg.model.d_in = 512
+        module = hydra.utils.instantiate(cfg.model)  # the variant's settings are ones its SAE accepts
+        assert module.sae.architecture == VARIANTS[experiment] and module.sae.d_sae == 4096
     elif experiment.startswith("sae_"):
         assert resolved["model"]["d_sae"] == int(experiment.split("_")[1])
         assert resolved["stage"] == "sae" and resolved["task_name"] == experiment

@@ -46,10 +46,18 @@ def test_experiment_fast_dev_run(experiment, token_store, tiny_shards, data_root
         assert final["training_tokens"] < final["dead_window_tokens"] and "train_dead_frac" not in final
         # a few hundred held-out tokens cannot show a density below 1e-6: absent, not a structural 0
         assert final["n_tokens"] < 1e6 and "ultralow_frac" not in final
-        assert final["l1_coeff_raw"] == pytest.approx(final["l1_coeff"] / final["norm_scale"])
+        if final["architecture"] in ("topk", "batchtopk"):  # no λ in their loss: none reported
+            assert final["l1_coeff"] is None and final["l1_coeff_raw"] is None and final["k"] == 20
+        else:
+            assert final["l1_coeff_raw"] == pytest.approx(final["l1_coeff"] / final["norm_scale"])
         assert final["n_skipped_shards"] == 0 and 0 < final["lr_windows"] <= 512  # scale.sae.final_eval_lr_windows
         cfg_json = json.loads((tmp_path / "export" / "cfg.json").read_text())
-        assert cfg_json["d_sae"] == int(experiment.split("_")[1]) and cfg_json["d_in"] == TINY_NET["d_mlp"]
+        size = experiment.split("_")[1]
+        assert cfg_json["d_sae"] == (int(size) if size.isdigit() else 4096) and cfg_json["d_in"] == TINY_NET["d_mlp"]
+        # the variant experiments export as SAELens names them (BatchTopK as the JumpReLU it infers as)
+        arch = {"jumprelu": "jumprelu", "batchtopk": "jumprelu", "topk": "topk"}.get(size, "standard")
+        assert cfg_json["architecture"] == arch and cfg_json["metadata"]["trained_as"]["architecture"] == \
+            final["architecture"]
 
 
 @pytest.mark.slow

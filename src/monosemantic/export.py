@@ -3,18 +3,23 @@ Neuronpedia tooling can read them::
 
     <out_dir>/cfg.json                  architecture, d_in, d_sae, dtype, ..., metadata
     <out_dir>/sae_weights.safetensors   W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in]
+                                        (+ threshold [d_sae] for a jumprelu SAE)
     <out_dir>/sparsity.safetensors      sparsity [d_sae]: log10 feature density (optional)
 
 The SAE trains on normalised activations ``s·x``; the export folds ``s`` into the weights so that it
 works on raw activations and needs no ``normalize_activations`` step. A folder is written under a
 temporary name and renamed into place, so a killed export never leaves a half-written folder.
+
+Architectures (``cfg.json``'s ``architecture``, as SAELens names them): ``standard`` (ReLU; the paper's, and
+Anthropic's later recipe with ``apply_b_dec_to_input: false``), ``topk`` (with ``k``) and ``jumprelu`` (with a
+``threshold`` tensor; a BatchTopK SAE is exported as one, its running threshold for every feature, as SAELens
+does). Dictionary rows are unit-norm in every export: free rows' norms are folded into the encoder.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +27,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from monosemantic.models.components.sae import SparseAutoencoder
+from monosemantic.models.components.sae import SparseAutoencoder, sae_from_inference
 from monosemantic.utils.io import atomic_dir, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -32,10 +37,12 @@ WEIGHTS_FILE = "sae_weights.safetensors"
 SPARSITY_FILE = "sparsity.safetensors"
 SAE_LENS_VERSION = "6.0.0"
 MODEL_NAME = "monosemantic-1l"
+LOADABLE = ("standard", "topk", "jumprelu")
 
 
 def folded_weights(sae: SparseAutoencoder, norm_scale: float) -> dict[str, torch.Tensor]:
-    """The SAE's weights with the activation scale ``s = norm_scale`` folded in, for raw inputs ``x``.
+    """The SAE's weights with the activation scale ``s = norm_scale`` folded in, for raw inputs ``x``
+    (:meth:`SparseAutoencoder.inference_tensors`; a threshold ``θ`` becomes ``θ/s`` alike).
 
     Trained on ``x_n = s·x``::
 
@@ -46,27 +53,24 @@ def folded_weights(sae: SparseAutoencoder, norm_scale: float) -> dict[str, torch
 
         x̂' = f' W_dec + b_dec' = (f W_dec + b_dec) / s = x̂_n / s
 
-    the raw-space reconstruction, with ``W_dec`` untouched, hence still unit-norm rows.
+    the raw-space reconstruction, with ``W_dec`` untouched, hence still unit-norm rows. TopK selection and
+    a JumpReLU threshold commute with the positive scale in the same way.
     """
-    if not (math.isfinite(norm_scale) and norm_scale > 0):
-        raise ValueError(f"norm_scale must be a positive finite number, got {norm_scale}")
-    with torch.no_grad():
-        tensors = {
-            "W_enc": sae.W_enc.detach(),
-            "b_enc": sae.b_enc.detach() / norm_scale,
-            "W_dec": sae.W_dec.detach(),
-            "b_dec": sae.b_dec.detach() / norm_scale,
-        }
+    tensors = sae.inference_tensors(norm_scale)
     return {k: v.to(device="cpu", dtype=torch.float32).contiguous().clone() for k, v in tensors.items()}
 
 
 def sae_lens_cfg(d_in: int, d_sae: int, hook_name: str, context_size: int,
-                 extra_metadata: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The ``cfg.json`` contents: a standard (ReLU) SAE on raw activations, b_dec subtracted on input."""
+                 extra_metadata: dict[str, Any] | None = None,
+                 arch_fields: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ``cfg.json`` contents: an SAE on raw activations; ``arch_fields`` (from
+    :meth:`SparseAutoencoder.inference_cfg`) name the architecture, default a standard one with b_dec
+    subtracted on input."""
     metadata = {"sae_lens_version": SAE_LENS_VERSION, "hook_name": hook_name, "context_size": context_size,
                 "prepend_bos": False, "model_name": MODEL_NAME, **(extra_metadata or {})}
     return {"architecture": "standard", "d_in": d_in, "d_sae": d_sae, "dtype": "float32", "device": "cpu",
-            "apply_b_dec_to_input": True, "normalize_activations": "none", "metadata": metadata}
+            "apply_b_dec_to_input": True, "normalize_activations": "none", **(arch_fields or {}),
+            "metadata": metadata}
 
 
 def export_sae(sae: SparseAutoencoder, out_dir: str | Path, norm_scale: float, hook_name: str,
@@ -82,8 +86,9 @@ def export_sae(sae: SparseAutoencoder, out_dir: str | Path, norm_scale: float, h
     if log10_density is not None and tuple(log10_density.shape) != (sae.d_sae,):
         raise ValueError(f"log10_density must have shape [{sae.d_sae}], got {tuple(log10_density.shape)}")
     tensors = folded_weights(sae, norm_scale)
-    metadata = {"activation_norm_scale_folded": float(norm_scale), **(extra_metadata or {})}
-    cfg = sae_lens_cfg(sae.d_in, sae.d_sae, hook_name, context_size, metadata)
+    metadata = {"activation_norm_scale_folded": float(norm_scale), "trained_as": sae.config(),
+                **(extra_metadata or {})}
+    cfg = sae_lens_cfg(sae.d_in, sae.d_sae, hook_name, context_size, metadata, sae.inference_cfg())
 
     with atomic_dir(out_dir) as tmp_dir:
         save_file(tensors, str(tmp_dir / WEIGHTS_FILE))
@@ -91,17 +96,18 @@ def export_sae(sae: SparseAutoencoder, out_dir: str | Path, norm_scale: float, h
             sparsity = log10_density.detach().to(device="cpu", dtype=torch.float32).contiguous().clone()
             save_file({"sparsity": sparsity}, str(tmp_dir / SPARSITY_FILE))
         write_json_atomic(tmp_dir / CFG_FILE, cfg)
-    log.info("exported SAE (d_in=%d, d_sae=%d, norm scale %.6g folded) to %s",
-             sae.d_in, sae.d_sae, norm_scale, out_dir)
+    log.info("exported %s SAE (d_in=%d, d_sae=%d, norm scale %.6g folded) to %s",
+             sae.architecture, sae.d_in, sae.d_sae, norm_scale, out_dir)
     return out_dir
 
 
 def load_sae(path: str | Path) -> tuple[SparseAutoencoder, dict[str, Any]]:
-    """Read an export written by :func:`export_sae` (or any standard SAELens v6 SAE on raw activations).
+    """Read an export written by :func:`export_sae` (or any SAELens v6 standard, topk or jumprelu SAE on raw
+    activations).
 
-    Strict: ``cfg.json`` must describe a standard SAE with ``apply_b_dec_to_input`` and no activation
-    normalisation, and ``sae_weights.safetensors`` must hold exactly the four tensors with the shapes
-    ``cfg.json`` implies. Anything else raises ``ValueError`` naming the file and what is wrong.
+    Strict: ``cfg.json`` must name one of those architectures with no activation normalisation (a topk SAE
+    its ``k``), and ``sae_weights.safetensors`` must hold exactly the tensors with the shapes ``cfg.json``
+    implies. Anything else raises ``ValueError`` naming the file and what is wrong.
     """
     path = Path(path)
     cfg_path, weights_path = path / CFG_FILE, path / WEIGHTS_FILE
@@ -115,17 +121,26 @@ def load_sae(path: str | Path) -> tuple[SparseAutoencoder, dict[str, Any]]:
     for key in ("d_in", "d_sae"):
         if not isinstance(cfg.get(key), int) or cfg[key] <= 0:
             raise ValueError(f"{cfg_path}: '{key}' must be a positive integer, got {cfg.get(key)!r}")
-    expected_cfg = {"architecture": "standard", "apply_b_dec_to_input": True, "normalize_activations": "none"}
-    for key, want in expected_cfg.items():
-        if cfg.get(key, want) != want:
-            raise ValueError(f"{cfg_path}: '{key}' is {cfg[key]!r}; only {want!r} is supported")
+    arch = cfg.get("architecture", "standard")
+    if arch not in LOADABLE:
+        raise ValueError(f"{cfg_path}: 'architecture' is {arch!r}; supported: {', '.join(LOADABLE)}")
+    if cfg.get("normalize_activations", "none") != "none":
+        raise ValueError(f"{cfg_path}: 'normalize_activations' is {cfg['normalize_activations']!r}; only 'none' "
+                         "is supported")
+    if not isinstance(cfg.get("apply_b_dec_to_input", True), bool):
+        raise ValueError(f"{cfg_path}: 'apply_b_dec_to_input' must be true or false")
+    if arch == "topk" and not (isinstance(cfg.get("k"), int) and 0 < cfg["k"] <= cfg["d_sae"]):
+        raise ValueError(f"{cfg_path}: a topk SAE needs 'k', an integer in [1, d_sae], got {cfg.get('k')!r}")
+    if arch == "topk" and cfg.get("rescale_acts_by_decoder_norm"):
+        raise ValueError(f"{cfg_path}: 'rescale_acts_by_decoder_norm' true is not supported (fold the norms)")
 
     d_in, d_sae = cfg["d_in"], cfg["d_sae"]
     try:
         tensors = load_file(str(weights_path))
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{weights_path}: unreadable safetensors file ({e})") from e
-    shapes = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+    shapes = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,),
+              **({"threshold": (d_sae,)} if arch == "jumprelu" else {})}
     if set(tensors) != set(shapes):
         raise ValueError(f"{weights_path}: expected exactly the tensors {sorted(shapes)}, "
                          f"found {sorted(tensors)}")
@@ -134,8 +149,6 @@ def load_sae(path: str | Path) -> tuple[SparseAutoencoder, dict[str, Any]]:
             raise ValueError(f"{weights_path}: '{name}' has shape {tuple(tensors[name].shape)}, expected "
                              f"{shape} from {CFG_FILE} (d_in={d_in}, d_sae={d_sae})")
 
-    sae = SparseAutoencoder(d_in, d_sae)
-    with torch.no_grad():
-        for name, t in tensors.items():
-            getattr(sae, name).copy_(t.to(torch.float32))
-    return sae, cfg
+    if arch == "jumprelu" and (tensors["threshold"] < 0).any():
+        raise ValueError(f"{weights_path}: 'threshold' has negative entries; a JumpReLU threshold is >= 0")
+    return sae_from_inference({**cfg, "architecture": arch}, tensors), cfg

@@ -190,3 +190,24 @@ class LossRecovered(_SumMetric):
         if ce_ablated != ce_clean:  # else ablating the MLP costs nothing: there is no loss to recover (0/0)
             out["loss_recovered"] = (ce_ablated - ce_sae) / (ce_ablated - ce_clean)
         return out
+
+
+RECOVERED_COSINE = 0.9  # a true feature counts as recovered when some dictionary row is this close
+
+
+def ground_truth_recovery(W_dec_FM: torch.Tensor, directions_KM: torch.Tensor,
+                          threshold: float = RECOVERED_COSINE) -> dict[str, float]:
+    """How well a dictionary recovers known directions (synthetic data, :mod:`monosemantic.data.synthetic`).
+
+    For each true direction, its best cosine similarity with any dictionary row: ``mmcs`` is their mean (mean
+    max cosine similarity, as in Sharkey et al.'s "Taking features out of superposition"), ``recovered`` the
+    fraction above ``threshold``. Rows and directions are normalised here, so free decoder norms do not matter.
+    """
+    if W_dec_FM.shape[-1] != directions_KM.shape[-1]:
+        raise ValueError(f"the dictionary's rows have {W_dec_FM.shape[-1]} dimensions, the true directions "
+                         f"{directions_KM.shape[-1]}")
+    d = torch.nn.functional.normalize(W_dec_FM.detach().float(), dim=1)
+    t = torch.nn.functional.normalize(directions_KM.detach().float(), dim=1)
+    best_K = (t @ d.T).max(dim=1).values
+    return {"mmcs": float(best_K.mean()), "recovered": float((best_K > threshold).float().mean()),
+            "recovered_threshold": float(threshold)}

@@ -51,9 +51,12 @@ def sample_inputs_by_loss(loss_N: torch.Tensor, k: int, generator: torch.Generat
 @torch.no_grad()
 def reset_adam_moments_(optimizer: torch.optim.Optimizer, sae: SparseAutoencoder,
                         dead_F: torch.Tensor) -> None:
-    """Zero the Adam moments of ``W_enc[:, dead]``, ``W_dec[dead, :]`` and ``b_enc[dead]``; ``step`` is
-    left alone. Parameters without state yet (no step taken) are skipped."""
-    for param, select in ((sae.W_enc, (slice(None), dead_F)), (sae.W_dec, (dead_F,)), (sae.b_enc, (dead_F,))):
+    """Zero the Adam moments of ``W_enc[:, dead]``, ``W_dec[dead, :]`` and ``b_enc[dead]`` (and a JumpReLU's
+    ``log_threshold[dead]``); ``step`` is left alone. Parameters without state yet (no step taken) are skipped."""
+    per_feature = [(sae.W_enc, (slice(None), dead_F)), (sae.W_dec, (dead_F,)), (sae.b_enc, (dead_F,))]
+    if isinstance(getattr(sae, "log_threshold", None), torch.nn.Parameter):
+        per_feature.append((sae.log_threshold, (dead_F,)))
+    for param, select in per_feature:
         state = optimizer.state.get(param, {})
         for key in _MOMENT_KEYS:
             if key in state:

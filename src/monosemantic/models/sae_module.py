@@ -1,7 +1,9 @@
 """``SAEModule``: the training system around :class:`SparseAutoencoder` (the paper's recipe, DESIGN §2).
 
 - loss = MSE (mean over vector elements) + λ · Σ_i f_i (sum over features, mean over tokens); the
-  reduction is stored beside λ (``l1_reduction``) because λ does not transfer between reductions.
+  reduction is stored beside λ (``l1_reduction``) because λ does not transfer between reductions. Other
+  architectures (``architecture``: TopK, BatchTopK, JumpReLU; :mod:`.components.sae`) bring their own sparsity
+  term (none for TopK, λ·L0 for JumpReLU) and may add AuxK; the rest of this module is the same for all.
 - Adam; before each step the gradient component parallel to each decoder row is removed, after it the
   rows are renormalised (decoder hygiene lives on the SAE: ``remove_parallel_grads_``, ``normalize_decoder_``).
 - ``tokens_since_fired`` (a buffer, so it is checkpointed) counts, per feature, the tokens seen on *all*
@@ -23,6 +25,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -32,7 +35,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from monosemantic.models.components.sae import SparseAutoencoder, raw_reconstruction
+from monosemantic.models.components.sae import build_sae, raw_reconstruction
 from monosemantic.models.components.sparse_step import sparse_forward
 
 log = logging.getLogger(__name__)
@@ -44,7 +47,14 @@ class SAEModule(L.LightningModule):
                  l1_warmup_steps: int = 0, dead_window_tokens: int = 10_000_000, b_dec_init: str = "geometric_median",
                  b_dec_init_tokens: int = 16_384, ablation: str = "zero", lr_decay_start: float = 1.0,
                  tied_init: bool = True, sparse_step: bool = True, sparse_max_density: float = 0.05,
-                 metrics: Callable[..., nn.Module] | None = None) -> None:
+                 metrics: Callable[..., nn.Module] | None = None, architecture: str = "standard",
+                 k: int | None = None, aux_k_coeff: float = 0.0, aux_k: int | None = None,
+                 aux_dead_tokens: int | None = None, batchtopk_threshold_lr: float | None = None,
+                 jumprelu_bandwidth: float | None = None, jumprelu_init_threshold: float | None = None,
+                 pre_encoder_bias: bool = True, normalize_decoder: bool = True,
+                 decoder_init_norm: float | None = None, target_l0: float | None = None,
+                 target_l0_until: float = 0.5, target_l0_gain: float = 0.02, target_l0_damping: float = 50.0,
+                 dense_warn_frac: float = 0.1) -> None:
         """
         Args:
             d_sae: dictionary size (A/1: 4,096).
@@ -63,15 +73,49 @@ class SAEModule(L.LightningModule):
                 ``sparse_max_density · d_sae``; otherwise (early training) the dense path.
             metrics: builds the validation metrics, ``metrics(d_in=, d_sae=, ablation=)`` (a partial of
                 :class:`monosemantic.evaluation.SAEMetrics`); None: validation computes nothing.
+            architecture: ``standard`` (the paper's ReLU + L1), ``topk``, ``batchtopk`` (k active per input /
+                on average; λ unused) or ``jumprelu`` (learned thresholds, λ weights an L0 term); see
+                :mod:`.components.sae`.
+            k: active features per input (topk, batchtopk).
+            aux_k_coeff: weight of the AuxK loss (Gao et al., 2024): the dead latents' top ``aux_k``
+                pre-activations reconstruct the residual ``x − x̂``, so dead latents get gradient (0: off).
+            aux_k: dead latents per input in AuxK (None: d_in / 2, the paper's heuristic).
+            aux_dead_tokens: a latent silent for this many tokens is dead for AuxK (None: dead_window_tokens).
+            batchtopk_threshold_lr: EMA rate of BatchTopK's inference threshold (None: 0.01).
+            jumprelu_bandwidth, jumprelu_init_threshold: JumpReLU's straight-through kernel width and
+                starting θ (None: 0.05, 0.01; on normalised activations).
+            pre_encoder_bias: subtract b_dec before the encoder (the paper; false: Anthropic's later recipe).
+            normalize_decoder: unit-norm dictionary rows (the paper); false: free rows, L1 weighted by ‖d_i‖.
+            decoder_init_norm: starting row norm when rows are free (None: 1; Anthropic's April update: 0.1).
+            target_l0: when set (λ-based architectures), λ is steered toward this L0 after the warm-up until
+                ``target_l0_until`` of training, multiplicatively (a damped controller, :meth:`_steer_l1`), then
+                frozen, so the rest of the run optimises the paper's objective at the λ found (logged as
+                ``train/l1_coeff``, reported as ``l1_coeff`` in ``metrics.json``).
+            dense_warn_frac: warn at validation when more than this fraction of features fire on > 1% of
+                the training window's tokens (the paper's sign that λ is too low).
         """
         super().__init__()
         if d_in is None:
             raise ValueError("model.d_in is not set: it comes from the shard set's manifest (data.shards)")
         if l1_reduction != "sum_features_mean_tokens":
             raise ValueError(f"model.l1_reduction={l1_reduction!r}: only 'sum_features_mean_tokens' is implemented")
+        if target_l0 is not None and not (target_l0 > 0 and 0 <= target_l0_until <= 1 and target_l0_gain > 0):
+            raise ValueError(f"model.target_l0={target_l0} needs target_l0 > 0, 0 <= target_l0_until <= 1 and "
+                             f"target_l0_gain > 0 (got {target_l0_until}, {target_l0_gain})")
         self.save_hyperparameters(logger=False, ignore=["optimizer", "metrics"])  # weights_only-loadable
         self.optimizer_factory = optimizer
-        self.sae = SparseAutoencoder(d_in, d_sae, tied_init)
+        self.sae = build_sae(d_in, d_sae, architecture, tied_init=tied_init, k=k,
+                             threshold_lr=batchtopk_threshold_lr, bandwidth=jumprelu_bandwidth,
+                             init_threshold=jumprelu_init_threshold, pre_encoder_bias=pre_encoder_bias,
+                             normalize_decoder=normalize_decoder, decoder_init_norm=decoder_init_norm)
+        if target_l0 is not None and not self.sae.uses_penalty:
+            raise ValueError(f"model.target_l0 steers λ, which a {architecture} SAE does not use: set model.k")
+        if aux_k_coeff < 0 or (aux_k is not None and aux_k <= 0):
+            raise ValueError(f"model.aux_k_coeff must be >= 0 and model.aux_k positive, got {aux_k_coeff}, {aux_k}")
+        # λ in force (target_l0 moves it) and the L0 average that steers it; buffers, so a resume continues them
+        self.register_buffer("l1_coeff_buf", torch.tensor(float(l1_coeff), dtype=torch.float64))
+        self.register_buffer("l0_ema", torch.tensor(-1.0, dtype=torch.float64))  # of log L0
+        self.register_buffer("l0_rate", torch.tensor(0.0, dtype=torch.float64))  # its change per step
         self.register_buffer("tokens_since_fired", torch.zeros(d_sae, dtype=torch.int64))
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.int64))
         self.val_metrics = metrics(d_in=d_in, d_sae=d_sae, ablation=ablation) if metrics is not None else None
@@ -90,6 +134,7 @@ class SAEModule(L.LightningModule):
         self.lr_skip_reason: str | None = None  # why loss recovered cannot be measured, when it cannot
         self.last_log10_density: dict[str, torch.Tensor] = {}  # per split, for the density plots
         self._lr_warned = False
+        self._dense_warned = False
 
     # -- data-dependent setup -------------------------------------------------------------------------
     def attach_data(self, norm_scale: float, transformer: torch.nn.Module | None,
@@ -119,37 +164,101 @@ class SAEModule(L.LightningModule):
     # -- training -------------------------------------------------------------------------------------
     def l1_coeff_now(self) -> float:
         warm = self.hparams.l1_warmup_steps
-        return self.hparams.l1_coeff * (min(1.0, (self.global_step + 1) / warm) if warm else 1.0)
+        return float(self.l1_coeff_buf) * (min(1.0, (self.global_step + 1) / warm) if warm else 1.0)
 
     def per_input_loss(self, x_NM: torch.Tensor) -> torch.Tensor:
         """The training loss of each input (used to score inputs for resampling)."""
-        out = self.sae(x_NM)
-        return (out.x_hat - x_NM).pow(2).mean(-1) + self.l1_coeff_now() * out.feats.sum(-1)
+        x_hat, feats, pre = self.sae.forward_train(x_NM)
+        return (x_hat - x_NM).pow(2).mean(-1) + self.l1_coeff_now() * self.sae.penalty(pre, feats)
+
+    def aux_k_loss(self, x_BM: torch.Tensor, x_hat_BM: torch.Tensor) -> torch.Tensor | None:
+        """AuxK (Gao et al., 2024, appendix A.2): the residual ``e = x − x̂`` (no gradient) is reconstructed from
+        the dead latents alone, ``ê = TopK_aux(pre_dead) W_dec[dead]``, and ``‖ê − e‖²`` (mean over elements,
+        like the MSE) weighted by ``aux_k_coeff`` joins the loss. Only dead latents' pre-activations are
+        computed, so live latents get no gradient from it; None when nothing is dead or it is off."""
+        coeff = self.hparams.aux_k_coeff
+        if not coeff:
+            return None
+        window = self.hparams.aux_dead_tokens or self.hparams.dead_window_tokens
+        dead_D = (self.tokens_since_fired >= window).nonzero().squeeze(1)
+        if dead_D.numel() == 0:
+            return None
+        sae = self.sae
+        k_aux = min(int(self.hparams.aux_k or max(1, sae.d_in // 2)), dead_D.numel())
+        pre_BD = sae.encoder_input(x_BM.float()) @ sae.W_enc[:, dead_D] + sae.b_enc[dead_D]
+        vals_BK, idx_BK = pre_BD.topk(k_aux, dim=-1, sorted=False)
+        e_hat_BM = torch.zeros_like(pre_BD).scatter(-1, idx_BK, F.relu(vals_BK)) @ sae.W_dec[dead_D]
+        return coeff * F.mse_loss(e_hat_BM, (x_BM.float() - x_hat_BM.float()).detach())
 
     def train_loss(self, x_BM: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         """One step's loss on a batch and what it logs; updates the firing counters. ``training_step`` logs
         it through Lightning; :class:`~monosemantic.models.sae_sweep.SAESweepModule` calls it for each of
         its SAEs on the same batch and logs each into that SAE's own run."""
-        B, d_sae = x_BM.shape[0], self.hparams.d_sae
-        if self.hparams.sparse_step and float(self.last_l0) < self.hparams.sparse_max_density * d_sae:
-            out = sparse_forward(self.sae, x_BM)
-            mse = F.mse_loss(out.x_hat, x_BM)
-            l1 = out.feats.vals.sum() / B  # feats ≥ 0 after ReLU, so Σ|f| = Σf
+        B, d_sae, sae = x_BM.shape[0], self.hparams.d_sae, self.sae
+        if (self.hparams.sparse_step and sae.sparse_ok
+                and float(self.last_l0) < self.hparams.sparse_max_density * d_sae):
+            out = sparse_forward(sae, x_BM)
+            x_hat = out.x_hat
+            mse = F.mse_loss(x_hat, x_BM)
+            l1 = sae.sparse_penalty(out.feats.cols, out.feats.vals, B)
             fires_F = torch.bincount(out.feats.cols, minlength=d_sae)
+            active = out.feats.vals
         else:
-            out = self.sae(x_BM)
-            mse = F.mse_loss(out.x_hat.float(), x_BM)
-            l1 = out.feats.float().sum(-1).mean()
-            fires_F = (out.feats > 0).sum(0)
-        loss = mse + self.l1_coeff_now() * l1
+            x_hat, feats, pre = sae.forward_train(x_BM)
+            mse = F.mse_loss(x_hat.float(), x_BM)
+            l1 = sae.penalty(pre, feats).mean()
+            fires_F = (feats > 0).sum(0)
+            active = feats[feats > 0] if sae.tracks_min_active else None
+        loss = mse + self.l1_coeff_now() * l1 if sae.uses_penalty else mse
+        aux = self.aux_k_loss(x_BM, x_hat)
+        if aux is not None:
+            loss = loss + aux
         with torch.no_grad():
             l0 = float(fires_F.sum()) / B
             self.last_l0.fill_(l0)
-            self._count_firing(fires_F, B)
+            global_l0 = self._count_firing(fires_F, B)
+            if sae.tracks_min_active:
+                sae.observe_(self._global_min(active.detach().float()))
+            self._steer_l1(global_l0)
             logs = {"train/loss": loss.detach(), "train/mse": mse.detach() / self.norm_scale**2,
-                    "train/mse_normalized": mse.detach(), "train/l1": l1.detach(), "train/l0": l0,
-                    "train/dead_frac": self.dead_frac(), "train/l1_coeff": self.l1_coeff_now()}
+                    "train/mse_normalized": mse.detach(), "train/l0": l0, "train/dead_frac": self.dead_frac()}
+            if sae.uses_penalty:
+                logs.update({"train/l1": l1.detach(), "train/l1_coeff": self.l1_coeff_now()})
+            if aux is not None:
+                logs["train/aux_k_loss"] = aux.detach()
+            if hasattr(sae, "threshold") and torch.is_tensor(sae.threshold):
+                logs["train/threshold_mean"] = sae.threshold.detach().float().mean()
         return loss, logs
+
+    def _global_min(self, active: torch.Tensor) -> torch.Tensor:
+        """The smallest active feature value over all ranks (inf where none fired)."""
+        m = active.min() if active.numel() else active.new_tensor(float("inf"))
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(m, op=dist.ReduceOp.MIN)
+        return m
+
+    def _steer_l1(self, l0: float) -> None:
+        """``target_l0``: move λ toward the target L0 after the warm-up, until ``target_l0_until`` of training.
+
+        A PD controller on log λ: ``u = log(L0_ema / target) + τ · d/dt log L0_ema`` and ``λ ← λ · exp(gain · u)``.
+        L0 answers λ with a lag of tens to hundreds of steps (the SAE has to re-learn its encoder), so the
+        proportional term alone keeps raising λ while L0 is already falling and overshoots; the derivative term
+        (``τ = target_l0_damping`` steps) holds λ while L0 moves toward the target on its own. ``l0`` is the
+        step's L0 over all ranks, so every rank moves λ alike."""
+        target = self.hparams.target_l0
+        if target is None:
+            return
+        log_l0 = math.log(max(l0, 1e-3))
+        prev = float(self.l0_ema)
+        ema = log_l0 if prev == -1.0 else 0.9 * prev + 0.1 * log_l0  # -1.0: the buffer's "unset" (L0 = e^-1 is not)
+        self.l0_ema.fill_(ema)
+        self.l0_rate.fill_(0.0 if prev == -1.0 else 0.9 * float(self.l0_rate) + 0.1 * (ema - prev))
+        step = self.global_step
+        until = int(self.hparams.target_l0_until * self.trainer.estimated_stepping_batches)
+        if step + 1 < self.hparams.l1_warmup_steps or step >= until:
+            return
+        u = ema - math.log(target) + self.hparams.target_l0_damping * float(self.l0_rate)
+        self.l1_coeff_buf.mul_(math.exp(self.hparams.target_l0_gain * u))
 
     def training_step(self, x_BM: torch.Tensor, batch_idx: int) -> torch.Tensor:
         loss, logs = self.train_loss(x_BM)
@@ -157,7 +266,9 @@ class SAEModule(L.LightningModule):
         self.log("train/tokens", self.tokens_seen.float(), on_step=True, on_epoch=False)
         return loss
 
-    def _count_firing(self, fires_F: torch.Tensor, batch_tokens: int) -> None:
+    def _count_firing(self, fires_F: torch.Tensor, batch_tokens: int) -> float:
+        """Add one step's per-feature fire counts (summed over ranks) to the counters; returns the step's L0
+        over all ranks."""
         fires_F = fires_F.to(torch.int64, copy=True)  # reduced in place below; the caller keeps its local counts
         n = torch.tensor(batch_tokens, dtype=torch.int64, device=fires_F.device)
         if dist.is_available() and dist.is_initialized():
@@ -168,6 +279,7 @@ class SAEModule(L.LightningModule):
         self.tokens_seen += n
         self.window_fires += fires_F
         self.window_tokens += n
+        return float(fires_F.sum()) / max(1, int(n))
 
     def dead_frac(self) -> torch.Tensor:
         """Fraction of features silent for the last ``dead_window_tokens`` tokens (all ranks)."""
@@ -228,12 +340,26 @@ class SAEModule(L.LightningModule):
             # dead over this window is train/dead_frac's job (its own window, dead_window_tokens)
             logs.update({"train/density_window_tokens": window["n_tokens"],
                          **{f"train/{k}": window[k] for k in ("dense_frac", "ultralow_frac") if k in window}})
+            self._warn_if_dense(float(window["dense_frac"]), int(window["n_tokens"]))
             self.last_window_fires.copy_(self.window_fires)
             self.last_window_tokens.copy_(self.window_tokens)
             self.window_fires.zero_()
             self.window_tokens.zero_()
         self.last_log10_density = density
         return logs
+
+    def _warn_if_dense(self, dense_frac: float, n_tokens: int) -> None:
+        """The paper's rule of thumb: many features firing on > 1% of tokens means λ is too low for this data.
+        Warned once per run, on rank 0, with what to do."""
+        if (dense_frac <= self.hparams.dense_warn_frac or self._dense_warned or not self.sae.uses_penalty
+                or not self.trainer.is_global_zero):
+            return
+        self._dense_warned = True
+        log.warning("%.0f%% of features fired on > 1%% of the last %s training tokens (more than "
+                    "model.dense_warn_frac=%g): λ=%.3g is probably too low for these activations (L0 %.1f). Raise "
+                    "model.l1_coeff, or set model.target_l0=<the L0 you want> to have λ found for you",
+                    100 * dense_frac, f"{n_tokens:,}", self.hparams.dense_warn_frac, self.l1_coeff_now(),
+                    float(self.last_l0))
 
     def on_validation_epoch_end(self) -> None:
         logs = self.end_validation()

@@ -14,7 +14,7 @@ from monosemantic.data.activation_datamodule import ActivationDataModule
 from monosemantic.data.onthefly import RECORDED, SOURCE_PREFIX, OnTheFlyDataModule, source_model_dir
 from monosemantic.evaluation import evaluate, lr_absent_reason, no_windows_reason, splice_transformer
 from monosemantic.export import load_sae
-from monosemantic.models.components.sae import SparseAutoencoder
+from monosemantic.models.components.sae import SparseAutoencoder, build_sae
 from monosemantic.stages.summary import print_summary
 from monosemantic.utils.io import write_json_atomic
 
@@ -47,7 +47,10 @@ def load_any(path: Path) -> tuple[SparseAutoencoder, float, dict]:
     if "sae.W_enc" not in state:
         raise ValueError(f"{path} is not an SAE checkpoint (no sae.W_enc in its state_dict)")
     d_in, d_sae = state["sae.W_enc"].shape
-    sae = SparseAutoencoder(d_in, d_sae)
+    hp = ckpt.get("hyper_parameters") or {}
+    sae = build_sae(int(d_in), int(d_sae), hp.get("architecture", "standard"), k=hp.get("k"),
+                    pre_encoder_bias=hp.get("pre_encoder_bias", True),
+                    normalize_decoder=hp.get("normalize_decoder", True))
     sae.load_state_dict({k.removeprefix("sae."): v for k, v in state.items() if k.startswith("sae.")})
     scale = float(state.get("norm_scale_buf", torch.ones(())))
     dm_hparams = ckpt.get("datamodule_hyper_parameters") or {}

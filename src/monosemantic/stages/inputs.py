@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from tokenizers import Tokenizer
 
 from monosemantic.data.onthefly import source_model_dir
@@ -17,7 +16,7 @@ from monosemantic.data.shards.format import read_manifest
 from monosemantic.data.token_store import load_split, read_meta
 from monosemantic.data.tokenizer import load_tokenizer
 from monosemantic.export import folded_weights
-from monosemantic.models.components.sae import SparseAutoencoder
+from monosemantic.models.components.sae import SparseAutoencoder, sae_from_inference
 from monosemantic.models.components.transformer import Transformer
 from monosemantic.models.transformer_module import load_transformer
 from monosemantic.stages.eval import load_any
@@ -56,13 +55,10 @@ def latest_export(log_dir: str | Path) -> Path:
 
 def raw_space_sae(sae: SparseAutoencoder, scale: float) -> SparseAutoencoder:
     """The same SAE on raw activations: ``scale`` folded into its biases exactly as the export does."""
-    if scale == 1.0:
+    if scale == 1.0 and sae.unit_decoder:
         return sae.eval()
-    out = SparseAutoencoder(sae.d_in, sae.d_sae)
-    with torch.no_grad():
-        for name, t in folded_weights(sae, scale).items():
-            getattr(out, name).copy_(t)
-    return out.eval()
+    return sae_from_inference({"d_in": sae.d_in, "d_sae": sae.d_sae, **sae.inference_cfg()},
+                              folded_weights(sae, scale))
 
 
 def load_inputs(ckpt_path: str, log_dir: str | Path, shards: str | None = None, transformer: str | None = None,

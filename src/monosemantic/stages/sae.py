@@ -21,9 +21,10 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
+from monosemantic.data.synthetic import load_directions
 from monosemantic.evaluation import evaluate, lr_absent_reason, no_windows_reason, splice_transformer
 from monosemantic.export import export_sae
-from monosemantic.metrics import density_summary
+from monosemantic.metrics import density_summary, ground_truth_recovery
 from monosemantic.models.sae_sweep import SAESweepModule
 from monosemantic.plots import save_density_histogram
 from monosemantic.stages import artifacts, preflight
@@ -233,12 +234,16 @@ def finish_sae(cfg: DictConfig, model_cfg: DictConfig, model, dm, trainer: L.Tra
     save_density_histogram(window["log10_density"], out / "plots" / "final_train_window_density.png",
                            title=f"training-window feature density ({window_tokens:,} tokens)")
     lr_windows = len(dm.lr_windows(n_lr_windows) or []) if lr_skip is None else 0
+    # the λ in force at the end: l1_coeff, or where target_l0 froze it; None where the loss has no λ (TopK)
+    l1_coeff = float(model.l1_coeff_buf) if sae.uses_penalty else None
     source = "on_the_fly" if preflight.on_the_fly(cfg) else "cache"
     export_dir = export_sae(
         sae, out / "export", dm.scale, dm.manifest.get("hook", "blocks.0.mlp.hook_post"),
         int(dm.manifest.get("n_ctx") or 0),
-        extra_metadata={"l1_coeff": model_cfg.l1_coeff, "l1_reduction": model_cfg.l1_reduction,
-                        "l1_coeff_raw": model_cfg.l1_coeff / dm.scale,
+        extra_metadata={"l1_coeff": l1_coeff, "l1_reduction": model_cfg.l1_reduction,
+                        "l1_coeff_raw": l1_coeff / dm.scale if l1_coeff is not None else None,
+                        **({"target_l0": model_cfg.target_l0, "l1_coeff_init": model_cfg.l1_coeff}
+                           if model_cfg.get("target_l0") is not None else {}),
                         "dataset_path": dm.source, "val_shards": cfg.data.get("val_shards"),
                         "activation_source": source,
                         "final_eval_lr_windows": lr_windows or None, "training_tokens": int(model.tokens_seen),
@@ -247,9 +252,12 @@ def finish_sae(cfg: DictConfig, model_cfg: DictConfig, model, dm, trainer: L.Tra
         log10_density=log10_density)
     timings["eval + export"] = time.time() - t0
     final.update({
-        "l1_coeff": model_cfg.l1_coeff, "l1_reduction": model_cfg.l1_reduction,
+        "architecture": sae.architecture, **({"k": sae.k} if hasattr(sae, "k") else {}),
+        "l1_coeff": l1_coeff, "l1_reduction": model_cfg.l1_reduction,
+        **({"target_l0": float(model_cfg.target_l0), "l1_coeff_init": float(model_cfg.l1_coeff)}
+           if model_cfg.get("target_l0") is not None else {}),
         # the loss is s²·(MSE_raw + (λ/s)·Σ f_raw): λ/s is the coefficient that acts on raw activations
-        "norm_scale": dm.scale, "l1_coeff_raw": model_cfg.l1_coeff / dm.scale,
+        "norm_scale": dm.scale, "l1_coeff_raw": l1_coeff / dm.scale if l1_coeff is not None else None,
         "d_sae": model_cfg.d_sae, "lr": OmegaConf.select(model_cfg, "optimizer.lr"),
         "training_tokens": int(model.tokens_seen),
         "dead_window_tokens": int(model_cfg.dead_window_tokens),
@@ -266,6 +274,10 @@ def finish_sae(cfg: DictConfig, model_cfg: DictConfig, model, dm, trainer: L.Tra
         "export": str(export_dir), "shards": dm.source,
         "activation_source": source,
         "preflight": report.as_dict()})
+    directions = load_directions(dm.source) if isinstance(dm.source, str) else None
+    if directions is not None:  # a ground-truth shard set: how much of it the dictionary found
+        final["ground_truth"] = ground_truth_recovery(sae.W_dec, directions)
+        final.update({k: final["ground_truth"][k] for k in ("mmcs", "recovered")})
     absent = lr_absent_reason(final, lr_skip)
     if absent:
         if absent != lr_skip:

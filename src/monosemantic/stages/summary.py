@@ -11,7 +11,9 @@ from rich.table import Table
 
 from monosemantic.stages.artifacts import Record
 
-ROWS = [("L0", "l0", "{:.2f}"), ("explained variance", "explained_variance", "{:.4f}"),
+ROWS = [("architecture", "architecture", "{}"), ("k", "k", "{}"), ("λ (at the end)", "l1_coeff", "{:.4g}"),
+        ("target L0", "target_l0", "{:g}"), ("L0", "l0", "{:.2f}"),
+        ("explained variance", "explained_variance", "{:.4f}"),
         ("loss recovered", "loss_recovered", "{:.4f}"), ("CE clean / SAE / ablated", None, None),
         ("KL(clean‖SAE)", "kl", "{:.4f}"), ("MSE (raw activations)", "mse", "{:.5f}"),
         ("dead (held-out)", "dead_frac", "{:.2%}"), ("dense > 1e-2 (held-out)", "dense_frac", "{:.2%}"),
@@ -19,6 +21,7 @@ ROWS = [("L0", "l0", "{:.2f}"), ("explained variance", "explained_variance", "{:
         ("dead (training, last dead window)", "train_dead_frac", "{:.2%}"),
         ("dense > 1e-2 (training window)", "train_dense_frac", "{:.2%}"),
         ("ultralow < 1e-6 (training window)", "train_ultralow_frac", "{:.2%}"),
+        ("ground truth: MMCS", "mmcs", "{:.4f}"), ("ground truth: recovered > 0.9", "recovered", "{:.2%}"),
         ("held-out tokens", "n_tokens", "{:,.0f}"), ("loss-recovered tokens", "lr_tokens", "{:,.0f}"),
         ("training density window (tokens)", "train_density_window_tokens", "{:,}"),
         ("training tokens", "training_tokens", "{:,}")]
@@ -52,7 +55,7 @@ def print_summary(metrics: dict, ledger: list[Record], timings: dict[str, float]
             if "ce_clean" in metrics:
                 table.add_row(label, f"{metrics['ce_clean']:.4f} / {metrics['ce_sae']:.4f} / "
                                      f"{metrics['ce_ablated']:.4f}")
-        elif key in metrics:
+        elif metrics.get(key) is not None:
             table.add_row(label, fmt.format(metrics[key]))
     if "loss_recovered_skipped" in metrics:
         table.add_row("loss recovered", f"not measured: {metrics['loss_recovered_skipped']}")
@@ -65,10 +68,12 @@ def print_summary(metrics: dict, ledger: list[Record], timings: dict[str, float]
 
 
 # one row per SAE of a sweep or per run of a multirun: what the frontier plots, side by side
-SWEEP_COLUMNS = [("SAE", "name", "{}"), ("d_sae", "d_sae", "{:,}"), ("λ", "l1_coeff", "{:g}"), ("lr", "lr", "{:g}"),
+SWEEP_COLUMNS = [("SAE", "name", "{}"), ("arch.", "architecture", "{}"), ("k", "k", "{}"),
+                 ("d_sae", "d_sae", "{:,}"), ("λ", "l1_coeff", "{:g}"), ("lr", "lr", "{:g}"),
                  ("L0", "l0", "{:.2f}"), ("explained var.", "explained_variance", "{:.4f}"),
                  ("loss recovered", "loss_recovered", "{:.4f}"), ("dead", "dead_frac", "{:.2%}"),
-                 ("dense > 1e-2", "dense_frac", "{:.2%}"), ("metrics", "metrics", "{}")]
+                 ("dense > 1e-2", "dense_frac", "{:.2%}"), ("MMCS", "mmcs", "{:.4f}"),
+                 ("recovered", "recovered", "{:.2%}"), ("metrics", "metrics", "{}")]
 
 
 def sweep_row(name: str, final: dict, metrics_path: Path | str) -> dict:

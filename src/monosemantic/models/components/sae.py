@@ -19,8 +19,10 @@ The training loop owns *when* the in-place maintenance methods run; the methods 
 
 from __future__ import annotations
 
+import inspect
 import logging
-from typing import NamedTuple
+import math
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +41,23 @@ class SAEOutput(NamedTuple):
 
 
 class SparseAutoencoder(nn.Module):
-    def __init__(self, d_in: int, d_sae: int, tied_init: bool = True) -> None:
+    """The paper's SAE (``architecture="standard"``): ReLU features, an L1 penalty, unit-norm dictionary.
+
+    Subclasses change only how pre-activations become features (:meth:`activate`, :meth:`select`), what
+    the sparsity term is (:meth:`penalty`) and what the export holds (:meth:`inference_tensors`,
+    :meth:`inference_cfg`); the training module, resampler, metrics and export call these alone.
+    """
+
+    architecture = "standard"
+    uses_penalty = True
+    """whether λ (``l1_coeff``) weights a sparsity term; TopK variants get their sparsity from k."""
+    tracks_min_active = False
+    """whether :meth:`observe_` wants each step's smallest active feature value."""
+    sparse_ok = True
+    """whether :func:`~.sparse_step.sparse_forward` can train it (the gradients need only active entries)."""
+
+    def __init__(self, d_in: int, d_sae: int, tied_init: bool = True, pre_encoder_bias: bool = True,
+                 normalize_decoder: bool = True, decoder_init_norm: float | None = None) -> None:
         """
         Args:
             d_in: activation width (512 MLP neurons in the paper).
@@ -48,11 +66,23 @@ class SparseAutoencoder(nn.Module):
                 The paper draws both independently; on synthetic data with known directions (see
                 ``tests/test_ground_truth.py``) the tied start recovered them far better (mean max cosine
                 0.97 vs 0.67 after the same steps), as SAELens and dictionary_learning also found.
+            pre_encoder_bias: subtract ``b_dec`` before the encoder (the paper); Anthropic's later updates
+                drop it (``f = ReLU(x W_enc + b_enc)``; exported with ``apply_b_dec_to_input: false``).
+            normalize_decoder: keep dictionary rows at unit norm (the paper). False: rows are free and the
+                L1 term weights each feature by its row's norm, ``Σ_i f_i ‖d_i‖`` (Anthropic, April 2024),
+                which the same loss then cannot shrink away; the export folds the norms in.
+            decoder_init_norm: the rows' starting norm when ``normalize_decoder`` is false (None: 1; the
+                April update used 0.1).
         """
         super().__init__()
-        self.tied_init = tied_init
         if d_in <= 0 or d_sae <= 0:
             raise ValueError(f"d_in and d_sae must be positive, got d_in={d_in}, d_sae={d_sae}")
+        if decoder_init_norm is not None and not decoder_init_norm > 0:
+            raise ValueError(f"decoder_init_norm must be positive, got {decoder_init_norm}")
+        self.tied_init = tied_init
+        self.pre_encoder_bias = bool(pre_encoder_bias)
+        self.unit_decoder = bool(normalize_decoder)
+        self.decoder_init_norm = 1.0 if decoder_init_norm is None or normalize_decoder else float(decoder_init_norm)
         self.d_in, self.d_sae = d_in, d_sae
         self.W_enc = nn.Parameter(torch.empty(d_in, d_sae))
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
@@ -63,7 +93,8 @@ class SparseAutoencoder(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Kaiming-uniform encoder and decoder drawn independently (the paper's weights are untied),
-        decoder rows then scaled to unit norm; biases zero (b_dec is later set to the geometric median).
+        decoder rows then scaled to unit norm (``decoder_init_norm`` when rows are free); biases zero
+        (b_dec is later set to the geometric median).
 
         ``kaiming_uniform_`` reads fan-in from dim 1 (``nn.Linear``'s ``[out, in]`` layout), so it is
         applied to the transposed views, whose dim 1 is the input side of each matmul.
@@ -72,13 +103,32 @@ class SparseAutoencoder(nn.Module):
         nn.init.kaiming_uniform_(self.W_dec.T, nonlinearity="relu")  # fan_in = d_sae
         self.b_enc.zero_()
         self.b_dec.zero_()
-        self.normalize_decoder_()
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)).mul_(self.decoder_init_norm)
         if self.tied_init:
             self.W_enc.copy_(self.W_dec.T)
 
+    # ---- the forward pass: pre-activations -> features -> reconstruction ----
+
+    def encoder_input(self, x_BM: torch.Tensor) -> torch.Tensor:
+        """What the encoder matmul reads: ``x − b_dec`` (pre-encoder bias) or ``x``."""
+        return x_BM - self.b_dec if self.pre_encoder_bias else x_BM
+
+    def pre_acts(self, x_BM: torch.Tensor) -> torch.Tensor:
+        """Pre-activations ``[..., d_sae]``: ``x̄ W_enc + b_enc``."""
+        return self.encoder_input(x_BM) @ self.W_enc + self.b_enc
+
+    def activate(self, pre_BF: torch.Tensor) -> torch.Tensor:
+        """Features from pre-activations (ReLU here)."""
+        return F.relu(pre_BF)
+
+    def select(self, pre_BF: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (row, column) indices of the non-zero features of a 2-D batch, row-major, for the sparse step;
+        the values there are the pre-activations themselves."""
+        return (pre_BF > 0).nonzero(as_tuple=True)
+
     def encode(self, x_BM: torch.Tensor) -> torch.Tensor:
         """Feature activations ``[..., d_sae]`` for inputs ``[..., d_in]``."""
-        return F.relu((x_BM - self.b_dec) @ self.W_enc + self.b_enc)
+        return self.activate(self.pre_acts(x_BM))
 
     def decode(self, feats_BF: torch.Tensor) -> torch.Tensor:
         """Reconstruction ``[..., d_in]`` from feature activations ``[..., d_sae]``."""
@@ -88,11 +138,70 @@ class SparseAutoencoder(nn.Module):
         feats_BF = self.encode(x_BM)
         return SAEOutput(x_hat=self.decode(feats_BF), feats=feats_BF)
 
+    def forward_train(self, x_BM: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(reconstruction, features, pre-activations): what the loss and the auxiliary terms need."""
+        pre_BF = self.pre_acts(x_BM)
+        feats_BF = self.activate(pre_BF)
+        return self.decode(feats_BF), feats_BF, pre_BF
+
+    def decoder_norms(self) -> torch.Tensor:
+        """``‖d_i‖`` per feature ``[d_sae]``."""
+        return self.W_dec.norm(dim=1)
+
+    def penalty(self, pre_BF: torch.Tensor, feats_BF: torch.Tensor) -> torch.Tensor:
+        """The sparsity term per input ``[B]`` that λ weights: ``Σ_i f_i`` (``Σ_i f_i ‖d_i‖`` with free rows)."""
+        feats_BF = feats_BF.float()
+        if self.unit_decoder:
+            return feats_BF.sum(-1)  # f ≥ 0 after ReLU: Σ|f| = Σf
+        return feats_BF @ self.decoder_norms()
+
+    def sparse_penalty(self, cols: torch.Tensor, vals: torch.Tensor, n_rows: int) -> torch.Tensor:
+        """:meth:`penalty` averaged over a batch given as its active entries (the sparse step's)."""
+        if self.unit_decoder:
+            return vals.sum() / n_rows
+        return (vals * self.decoder_norms()[cols]).sum() / n_rows
+
+    @torch.no_grad()
+    def observe_(self, feats_min_active: torch.Tensor | None) -> None:
+        """Called after each training forward with the smallest active feature value (all ranks); a hook for
+        variants that track running statistics (BatchTopK's threshold)."""
+
+    # ---- the export: the same SAE on raw activations, in SAELens' inference layout ----
+
+    @torch.no_grad()
+    def inference_tensors(self, scale: float = 1.0) -> dict[str, torch.Tensor]:
+        """Weights for *raw* activations ``x`` when this SAE reads ``scale·x`` (see :mod:`monosemantic.export`),
+        with free decoder norms folded into the encoder so every exported row has unit norm."""
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"norm_scale must be a positive finite number, got {scale}")
+        out = {"W_enc": self.W_enc.detach().clone(), "b_enc": self.b_enc.detach() / scale,
+               "W_dec": self.W_dec.detach().clone(), "b_dec": self.b_dec.detach() / scale}
+        if not self.unit_decoder:
+            # f_i ‖d_i‖ with the unit row d_i / ‖d_i‖ reconstructs the same; ReLU (and a threshold scaled
+            # alike) is positively homogeneous, so the norm moves into the encoder column exactly
+            n_F = self.decoder_norms().clamp_min(1e-12)
+            out["W_enc"] = out["W_enc"] * n_F
+            out["b_enc"] = out["b_enc"] * n_F
+            out["W_dec"] = out["W_dec"] / n_F[:, None]
+        return out
+
+    def inference_cfg(self) -> dict[str, Any]:
+        """The ``cfg.json`` fields that describe this architecture to SAELens."""
+        return {"architecture": self.architecture, "apply_b_dec_to_input": self.pre_encoder_bias}
+
+    def config(self) -> dict[str, Any]:
+        """The constructor arguments that rebuild this SAE (less the sizes), for :func:`build_sae`."""
+        return {"architecture": self.architecture, "pre_encoder_bias": self.pre_encoder_bias,
+                "normalize_decoder": self.unit_decoder}
+
     # ---- in-place maintenance (paper, appendix "Autoencoder training") ----
 
     @torch.no_grad()
     def normalize_decoder_(self, eps: float = 1e-12) -> None:
-        """Scale each dictionary vector (row of ``W_dec``) to unit L2 norm; run after every step."""
+        """Scale each dictionary vector (row of ``W_dec``) to unit L2 norm; run after every step. A no-op when
+        the rows are free (``normalize_decoder=False``)."""
+        if not self.unit_decoder:
+            return
         self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(eps))
 
     @torch.no_grad()
@@ -101,10 +210,11 @@ class SparseAutoencoder(nn.Module):
 
         With unit-norm rows this is the projection onto the sphere's tangent space, so the step moves
         the direction of each vector rather than fighting the renormalisation that follows it.
-        Assumes unit-norm rows (call after ``normalize_decoder_``); a no-op when there is no gradient.
+        Assumes unit-norm rows (call after ``normalize_decoder_``); a no-op when there is no gradient or
+        the rows are free.
         """
         grad_FM = self.W_dec.grad
-        if grad_FM is None:
+        if grad_FM is None or not self.unit_decoder:
             return
         W_dec_FM = self.W_dec
         parallel_F1 = (grad_FM * W_dec_FM).sum(dim=1, keepdim=True)
@@ -167,9 +277,231 @@ class SparseAutoencoder(nn.Module):
 
         x_KM = inputs_KM.to(self.W_dec)
         unit_KM = x_KM / x_KM.norm(dim=1, keepdim=True).clamp_min(eps)
-        self.W_dec[dead_F] = unit_KM
+        self.W_dec[dead_F] = unit_KM * self.decoder_init_norm
         self.W_enc[:, dead_F] = (unit_KM * (enc_norm_scale * mean_alive_norm)).T
         self.b_enc[dead_F] = 0.0
+
+
+class TopKSAE(SparseAutoencoder):
+    """TopK SAE (Gao et al., 2024, "Scaling and evaluating sparse autoencoders"): each input keeps its ``k``
+    largest pre-activations (then ReLU), so L0 ≤ k by construction and there is no L1 term; dead latents are
+    revived by the AuxK loss (``SAEModule``'s ``aux_k_coeff``) rather than by λ. SAELens ``architecture: topk``."""
+
+    architecture = "topk"
+    uses_penalty = False
+
+    def __init__(self, d_in: int, d_sae: int, k: int | None = None, **kw: Any) -> None:
+        if kw.get("normalize_decoder") is False:
+            raise ValueError("model.normalize_decoder=false is not supported for topk SAEs: the export folds the "
+                             "rows' norms into the encoder, which would change which k features win")
+        if not (isinstance(k, int) and 0 < k <= d_sae):
+            raise ValueError(f"model.k must be an integer in [1, d_sae={d_sae}] for a {self.architecture} SAE, "
+                             f"got {k!r}")
+        super().__init__(d_in, d_sae, **kw)
+        self.k = k
+
+    def activate(self, pre_BF: torch.Tensor) -> torch.Tensor:
+        vals, idx = pre_BF.topk(self.k, dim=-1, sorted=False)
+        return torch.zeros_like(pre_BF).scatter(-1, idx, F.relu(vals))
+
+    def select(self, pre_BF: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        vals, idx = pre_BF.topk(self.k, dim=-1, sorted=True)
+        keep = vals > 0
+        rows = torch.arange(pre_BF.shape[0], device=pre_BF.device)[:, None].expand_as(idx)[keep]
+        flat = (rows * pre_BF.shape[1] + idx[keep]).sort().values  # row-major, like nonzero()
+        return flat // pre_BF.shape[1], flat % pre_BF.shape[1]
+
+    def penalty(self, pre_BF: torch.Tensor, feats_BF: torch.Tensor) -> torch.Tensor:
+        return feats_BF.new_zeros(feats_BF.shape[:-1], dtype=torch.float32)
+
+    def sparse_penalty(self, cols: torch.Tensor, vals: torch.Tensor, n_rows: int) -> torch.Tensor:
+        return vals.new_zeros((), dtype=torch.float32)
+
+    def inference_cfg(self) -> dict[str, Any]:
+        return {**super().inference_cfg(), "k": self.k, "rescale_acts_by_decoder_norm": False}
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "k": self.k}
+
+
+class BatchTopKSAE(TopKSAE):
+    """BatchTopK (Bussmann et al., 2024): while training, the ``k · B`` largest ReLU activations of the whole
+    batch are kept, so inputs share a budget of k features on average. A running threshold (an EMA of the
+    smallest kept activation, updated by :meth:`observe_`) replaces the batch at inference:
+    ``f = pre · [pre > θ]``; the export is therefore a SAELens ``jumprelu`` SAE with θ for every feature."""
+
+    architecture = "batchtopk"
+    tracks_min_active = True
+
+    def __init__(self, d_in: int, d_sae: int, k: int | None = None, threshold_lr: float = 0.01, **kw: Any) -> None:
+        super().__init__(d_in, d_sae, k, **kw)
+        self.threshold_lr = float(threshold_lr)
+        self.register_buffer("threshold", torch.zeros((), dtype=torch.float64))
+
+    def _batch_topk(self, pre_BF: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        flat = F.relu(pre_BF.reshape(-1))
+        n_keep = min(flat.numel(), self.k * flat.numel() // pre_BF.shape[-1])
+        vals, idx = flat.topk(n_keep, sorted=False)
+        return vals, idx
+
+    def activate(self, pre_BF: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return pre_BF * (pre_BF > self.threshold.to(pre_BF.dtype))
+        vals, idx = self._batch_topk(pre_BF)
+        return torch.zeros_like(pre_BF).reshape(-1).scatter(0, idx, vals).reshape(pre_BF.shape)
+
+    def select(self, pre_BF: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        vals, idx = self._batch_topk(pre_BF)
+        idx = idx[vals > 0].sort().values
+        return idx // pre_BF.shape[1], idx % pre_BF.shape[1]
+
+    @torch.no_grad()
+    def observe_(self, feats_min_active: torch.Tensor | None) -> None:
+        if feats_min_active is not None and torch.isfinite(feats_min_active):
+            lr = self.threshold_lr
+            self.threshold.mul_(1 - lr).add_(lr * feats_min_active.to(self.threshold))
+
+    @torch.no_grad()
+    def inference_tensors(self, scale: float = 1.0) -> dict[str, torch.Tensor]:
+        out = super().inference_tensors(scale)
+        out["threshold"] = torch.full((self.d_sae,), float(self.threshold) / scale)
+        return out
+
+    def inference_cfg(self) -> dict[str, Any]:
+        return {"architecture": "jumprelu", "apply_b_dec_to_input": self.pre_encoder_bias}
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "threshold_lr": self.threshold_lr}
+
+
+def _rectangle(u: torch.Tensor) -> torch.Tensor:
+    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
+
+
+class _JumpReLU(torch.autograd.Function):
+    """``pre · H(pre − θ)``; ∂/∂pre = H(pre − θ), ∂/∂θ by the straight-through estimator of Rajamanoharan et
+    al. (2024): the jump of size θ at pre = θ, smoothed by a rectangle kernel of width ``bandwidth``."""
+
+    @staticmethod
+    def forward(ctx, pre_BF: torch.Tensor, theta_F: torch.Tensor, bandwidth: float) -> torch.Tensor:
+        ctx.save_for_backward(pre_BF, theta_F)
+        ctx.bandwidth = bandwidth
+        return pre_BF * (pre_BF > theta_F)
+
+    @staticmethod
+    def backward(ctx, g_BF: torch.Tensor):
+        pre_BF, theta_F = ctx.saved_tensors
+        eps = ctx.bandwidth
+        g_pre = g_BF * (pre_BF > theta_F)
+        g_theta = (-(theta_F / eps) * _rectangle((pre_BF - theta_F) / eps) * g_BF).reshape(-1, theta_F.shape[0])
+        return g_pre, g_theta.sum(0), None
+
+
+class _Step(torch.autograd.Function):
+    """``H(pre − θ)`` (the L0 of each entry); no gradient to ``pre``, ∂/∂θ = −K((pre − θ)/ε)/ε."""
+
+    @staticmethod
+    def forward(ctx, pre_BF: torch.Tensor, theta_F: torch.Tensor, bandwidth: float) -> torch.Tensor:
+        ctx.save_for_backward(pre_BF, theta_F)
+        ctx.bandwidth = bandwidth
+        return (pre_BF > theta_F).to(pre_BF.dtype)
+
+    @staticmethod
+    def backward(ctx, g_BF: torch.Tensor):
+        pre_BF, theta_F = ctx.saved_tensors
+        eps = ctx.bandwidth
+        g_theta = (-(1.0 / eps) * _rectangle((pre_BF - theta_F) / eps) * g_BF).reshape(-1, theta_F.shape[0])
+        return None, g_theta.sum(0), None
+
+
+class JumpReLUSAE(SparseAutoencoder):
+    """JumpReLU SAE (Rajamanoharan et al., 2024): ``f = pre · H(pre − θ)`` with a learned threshold per feature
+    (``θ = exp(log_threshold)``, so it stays positive) and an L0 penalty ``λ · Σ_i H(pre_i − θ_i)``, both made
+    trainable by straight-through estimators of bandwidth ``bandwidth``. SAELens ``architecture: jumprelu``."""
+
+    architecture = "jumprelu"
+    sparse_ok = False  # θ's gradient needs the pre-activations just below the threshold, not only active ones
+
+    def __init__(self, d_in: int, d_sae: int, bandwidth: float = 0.05, init_threshold: float = 0.01,
+                 **kw: Any) -> None:
+        if not (bandwidth > 0 and init_threshold > 0):
+            raise ValueError(f"model.jumprelu_bandwidth and model.jumprelu_init_threshold must be positive, got "
+                             f"{bandwidth}, {init_threshold}")
+        self.bandwidth, self.init_threshold = float(bandwidth), float(init_threshold)
+        super().__init__(d_in, d_sae, **kw)
+        self.log_threshold = nn.Parameter(torch.full((d_sae,), math.log(self.init_threshold)))
+
+    @property
+    def threshold(self) -> torch.Tensor:
+        return self.log_threshold.exp()
+
+    def activate(self, pre_BF: torch.Tensor) -> torch.Tensor:
+        theta_F = self.threshold.to(pre_BF.dtype)
+        if torch.is_grad_enabled():
+            return _JumpReLU.apply(pre_BF, theta_F, self.bandwidth)
+        return pre_BF * (pre_BF > theta_F)
+
+    def select(self, pre_BF: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return (pre_BF > self.threshold).nonzero(as_tuple=True)
+
+    def penalty(self, pre_BF: torch.Tensor, feats_BF: torch.Tensor) -> torch.Tensor:
+        """The L0 of each input, with θ's straight-through gradient (none reaches the pre-activations)."""
+        return _Step.apply(pre_BF.float(), self.threshold, self.bandwidth).sum(-1)
+
+    @torch.no_grad()
+    def resample_(self, dead_F: torch.Tensor, inputs_KM: torch.Tensor, enc_norm_scale: float = 0.2,
+                  eps: float = 1e-12) -> None:
+        super().resample_(dead_F, inputs_KM, enc_norm_scale, eps)
+        self.log_threshold[torch.as_tensor(dead_F, dtype=torch.long, device=self.log_threshold.device)] = \
+            math.log(self.init_threshold)
+
+    @torch.no_grad()
+    def inference_tensors(self, scale: float = 1.0) -> dict[str, torch.Tensor]:
+        out = super().inference_tensors(scale)
+        theta_F = self.threshold.detach() / scale
+        out["threshold"] = theta_F if self.unit_decoder else theta_F * self.decoder_norms().clamp_min(1e-12)
+        return out
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "bandwidth": self.bandwidth, "init_threshold": self.init_threshold}
+
+
+ARCHITECTURES: dict[str, type[SparseAutoencoder]] = {
+    cls.architecture: cls for cls in (SparseAutoencoder, TopKSAE, BatchTopKSAE, JumpReLUSAE)}
+
+
+def build_sae(d_in: int, d_sae: int, architecture: str = "standard", **kw: Any) -> SparseAutoencoder:
+    """The SAE class ``architecture`` names, with the arguments that class takes (others are dropped only
+    when None, so a setting meant for another architecture is an error, not silently ignored)."""
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"model.architecture={architecture!r}: expected one of {sorted(ARCHITECTURES)}")
+    cls = ARCHITECTURES[architecture]
+    kw = {k: v for k, v in kw.items() if v is not None}
+    accepted = {n for c in cls.__mro__ if c is not nn.Module and "__init__" in vars(c)
+                for n in inspect.signature(c.__init__).parameters}
+    foreign = sorted(set(kw) - accepted)
+    if foreign:
+        raise ValueError(f"{', '.join(foreign)}: not a setting of a {architecture} SAE (model.architecture="
+                         f"{architecture}); set it to null or choose the architecture it belongs to")
+    return cls(d_in, d_sae, **kw)
+
+
+def sae_from_inference(cfg: dict[str, Any], tensors: dict[str, torch.Tensor]) -> SparseAutoencoder:
+    """An SAE on raw activations from an export's ``cfg.json`` fields and tensors (unit-norm rows)."""
+    arch, d_in, d_sae = cfg["architecture"], int(cfg["d_in"]), int(cfg["d_sae"])
+    kw: dict[str, Any] = {"pre_encoder_bias": bool(cfg.get("apply_b_dec_to_input", True))}
+    if arch == "topk":
+        sae: SparseAutoencoder = TopKSAE(d_in, d_sae, k=int(cfg["k"]), **kw)
+    elif arch == "jumprelu":
+        sae = JumpReLUSAE(d_in, d_sae, **kw)
+    else:
+        sae = SparseAutoencoder(d_in, d_sae, **kw)
+    with torch.no_grad():
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            getattr(sae, name).copy_(tensors[name].to(torch.float32))
+        if arch == "jumprelu":  # a zero threshold (a BatchTopK that never trained) is ReLU: log(tiny) suffices
+            sae.log_threshold.copy_(tensors["threshold"].to(torch.float32).clamp_min(1e-30).log())
+    return sae.eval()
 
 
 def raw_reconstruction(sae: nn.Module, acts: torch.Tensor, scale: float) -> torch.Tensor:
