@@ -43,4 +43,7 @@ def test_sae_recovers_known_sparse_directions(tmp_path):
     final = json.loads((run / "metrics.json").read_text())
     assert "loss_recovered" not in final, "no transformer behind synthetic shards: loss recovered is skipped"
     assert final["l0"] < 40 and final["explained_variance"] > 0.6
+    # the stage scored the dictionary against the set's own directions.safetensors: the same numbers
+    assert final["mmcs"] == pytest.approx(float(best_K.mean()), abs=1e-5)
+    assert final["recovered"] == pytest.approx(float((best_K > 0.9).float().mean()))
     assert torch.isfinite(sae.W_enc).all()

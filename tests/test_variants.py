@@ -317,3 +317,40 @@ def test_correlated_features_fire_together_at_their_own_rates():
     same = torch.block_diag(*[torch.ones(4, 4)] * 4).bool() & ~torch.eye(K, dtype=torch.bool)
     assert c[same].mean() > 0.3 and c[~same & ~torch.eye(K, dtype=torch.bool)].abs().mean() < 0.03
     assert math.isclose(float(active.sum(1).mean()), 1.6, rel_tol=0.05)
+
+
+def test_ground_truth_command_writes_reuses_and_refuses(tmp_path):
+    from monosemantic.data.synthetic import load_directions
+    from monosemantic.stages import ground_truth
+    out = tmp_path / "gt"
+    overrides = [f"out_dir={out}", "n_features=40", "d_in=12", "l0=3", "n_tokens=5000", "rows_per_sample=1000",
+                 "samples_per_shard=2", "density_exponent=1.0", "correlation=0.5", "group_size=4"]
+    cfg = compose_cfg("ground_truth", overrides, tmp_path / "run")
+    assert ground_truth.run(cfg) == {"out_dir": str(out), "reused": False}
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["n_tokens"] == 5000 and manifest["d_in"] == 12 and len(manifest["shards"]) == 3
+    assert manifest["synthetic"]["l0"] == pytest.approx(3.0, rel=1e-5)
+    dirs = load_directions(out)
+    assert dirs.shape == (40, 12)
+    torch.testing.assert_close(dirs.norm(dim=1), torch.ones(40))
+    before = (out / "shard-000000.tar").read_bytes()
+    assert ground_truth.run(cfg)["reused"] is True  # same settings: nothing rewritten
+    assert (out / "shard-000000.tar").read_bytes() == before
+    other = compose_cfg("ground_truth", [*overrides, "l0=4"], tmp_path / "run2")
+    with pytest.raises(FileExistsError, match="other settings"):
+        ground_truth.run(other)
+    assert (out / "shard-000000.tar").read_bytes() == before  # the set already there is intact
+    with pytest.raises(ValueError, match="n_tokens=0.5"):
+        ground_truth.run(compose_cfg("ground_truth", [*overrides, "n_tokens=0.5", f"out_dir={tmp_path}/x"],
+                                     tmp_path / "run3"))
+
+
+def test_recovery_scores_known_dictionaries():
+    from monosemantic.metrics import ground_truth_recovery
+    dirs = random_directions(50, 20, seed=3)
+    perfect = ground_truth_recovery(torch.cat([dirs[torch.randperm(50)] * 3.0, random_directions(30, 20)]), dirs)
+    assert perfect["mmcs"] == pytest.approx(1.0, abs=1e-6) and perfect["recovered"] == 1.0  # order, norm ignored
+    half = ground_truth_recovery(dirs[:25], dirs)
+    assert half["recovered"] == 0.5 and half["mmcs"] < 0.8
+    with pytest.raises(ValueError, match="dimensions"):
+        ground_truth_recovery(torch.randn(5, 7), dirs)
