@@ -48,8 +48,9 @@ def test_experiment_fast_dev_run(experiment, token_store, tiny_shards, data_root
         assert final["n_tokens"] < 1e6 and "ultralow_frac" not in final
         if final["architecture"] in ("topk", "batchtopk"):  # no λ in their loss: none reported
             assert final["l1_coeff"] is None and final["l1_coeff_raw"] is None and final["k"] == 20
-        else:
-            assert final["l1_coeff_raw"] == pytest.approx(final["l1_coeff"] / final["norm_scale"])
+        else:  # λ/s on raw activations for an L1 term; λ/s² for JumpReLU's L0 (L0 does not scale)
+            power = 2 if final["architecture"] == "jumprelu" else 1
+            assert final["l1_coeff_raw"] == pytest.approx(final["l1_coeff"] / final["norm_scale"] ** power)
         assert final["n_skipped_shards"] == 0 and 0 < final["lr_windows"] <= 512  # scale.sae.final_eval_lr_windows
         cfg_json = json.loads((tmp_path / "export" / "cfg.json").read_text())
         size = experiment.split("_")[1]

@@ -250,7 +250,14 @@ def test_each_variant_trains_through_the_entry_point(planted, tmp_path, experime
     assert final["architecture"] == arch
     assert final["explained_variance"] > 0.5, final["explained_variance"]
     assert 0 < final["l0"] < 40  # of 128 features (about half fire at the start)
-    assert 0 < final["mmcs"] <= 1 and "recovered" in final  # the planted set carries its directions
+    # the planted set carries its directions; 128 random rows score 0.59 on it (96 directions in 16 dims). In
+    # 120 steps the others are above that (0.62-0.76 measured); JumpReLU's thresholds have barely moved (0.58)
+    random_mmcs = float((random_directions(96, 16, seed=0) @ random_directions(128, 16, seed=5).T).max(1).values.mean())
+    assert "recovered" in final and final["mmcs"] > (random_mmcs - 0.05 if arch == "jumprelu" else random_mmcs)
+    if arch == "batchtopk":  # held out, the learned threshold replaces the batch and stays near k
+        assert 2 <= final["l0"] <= 8, final["l0"]
+    if arch == "jumprelu":
+        assert final["l0"] < 40
     if arch == "topk":
         assert final["l0"] <= 4 + 1e-6 and final["l1_coeff"] is None and final["k"] == 4
     # the export and the last checkpoint are the same SAE on raw activations
@@ -354,3 +361,21 @@ def test_recovery_scores_known_dictionaries():
     assert half["recovered"] == 0.5 and half["mmcs"] < 0.8
     with pytest.raises(ValueError, match="dimensions"):
         ground_truth_recovery(torch.randn(5, 7), dirs)
+
+
+@pytest.mark.parametrize("arch,kw", [("standard", {}), ("standard", {"pre_encoder_bias": False}), ("topk", {"k": 3}),
+                                     ("jumprelu", {"init_threshold": 0.5})])
+def test_ablating_a_silent_feature_changes_nothing(arch, kw):
+    """The steering hook reads each feature through the SAE's own encoder: a feature that does not fire (outside
+    the top k, under its threshold, or negative without the pre-encoder bias) is already 0, so ablating it is a
+    no-op; pinning it moves the activations along its row."""
+    from monosemantic.models.components.hooks import pin_features
+    sae = _noisy(build_sae(16, 48, arch, **kw)).eval()
+    with torch.no_grad():
+        sae.b_dec.mul_(20)  # a large b_dec: wrong whenever the hook and the encoder disagree about subtracting it
+    x = torch.randn(2, 5, 16)
+    f = sae.encode(x)
+    silent = int((f == 0).all(dim=(0, 1)).nonzero()[0])
+    torch.testing.assert_close(pin_features(sae, [silent], [None])(x.clone()), x)
+    moved = pin_features(sae, [silent], [2.0])(x.clone())
+    torch.testing.assert_close(moved - x, (2.0 * sae.W_dec[silent]).expand_as(x).detach())

@@ -60,18 +60,22 @@ def frontier_figure(rows: list[dict], title: str = "sparsity vs fidelity") -> Fi
     each point labelled with its λ. A panel whose metric no row has says so instead of plotting nothing."""
     fig = Figure(figsize=(11, 4.2), tight_layout=True)
     FigureCanvasAgg(fig)
-    sizes = sorted({r.get("d_sae") for r in rows}, key=lambda d: (d is None, d))
+    # one line per (architecture, d_sae): a TopK and a ReLU SAE of one size are two recipes, not one curve
+    sizes = sorted({(r.get("architecture") or "standard", r.get("d_sae")) for r in rows},
+                   key=lambda a_d: (a_d[0], a_d[1] is None, a_d[1] or 0))
     colors = dict(zip(sizes, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown",
                               "tab:pink", "tab:gray", "tab:olive", "tab:cyan") * 4))
     for i, (key, label) in enumerate(PANELS):
         ax = fig.add_subplot(1, len(PANELS), i + 1)
         have = [r for r in rows if r.get(key) is not None and r.get("l0", 0) > 0]
         for d in sizes:
-            pts = sorted((r for r in have if r.get("d_sae") == d), key=lambda r: r["l0"])
+            pts = sorted((r for r in have if ((r.get("architecture") or "standard"), r.get("d_sae")) == d),
+                         key=lambda r: r["l0"])
             if not pts:
                 continue
+            arch = "" if {a for a, _ in sizes} == {"standard"} else f"{d[0]} "
             ax.plot([r["l0"] for r in pts], [r[key] for r in pts], "o-", color=colors[d],
-                    label=f"d_sae={d:,}" if d is not None else "d_sae=?")
+                    label=f"{arch}d_sae={d[1]:,}" if d[1] is not None else f"{arch}d_sae=?")
             for r in pts:
                 lam = r.get("l1_coeff")
                 ax.annotate(f"λ={lam:g}" if lam is not None else r["name"], (r["l0"], r[key]),

@@ -54,7 +54,7 @@ class SAEModule(L.LightningModule):
                  pre_encoder_bias: bool = True, normalize_decoder: bool = True,
                  decoder_init_norm: float | None = None, target_l0: float | None = None,
                  target_l0_until: float = 0.5, target_l0_gain: float = 0.02, target_l0_damping: float = 50.0,
-                 dense_warn_frac: float = 0.1) -> None:
+                 dense_warn_frac: float = 0.25) -> None:
         """
         Args:
             d_sae: dictionary size (A/1: 4,096).
@@ -135,6 +135,7 @@ class SAEModule(L.LightningModule):
         self.last_log10_density: dict[str, torch.Tensor] = {}  # per split, for the density plots
         self._lr_warned = False
         self._dense_warned = False
+        self._target_warned = False
 
     # -- data-dependent setup -------------------------------------------------------------------------
     def attach_data(self, norm_scale: float, transformer: torch.nn.Module | None,
@@ -259,6 +260,17 @@ class SAEModule(L.LightningModule):
             return
         u = ema - math.log(target) + self.hparams.target_l0_damping * float(self.l0_rate)
         self.l1_coeff_buf.mul_(math.exp(self.hparams.target_l0_gain * u))
+        # a λ that L0 does not answer (JumpReLU whose thresholds cannot rise fast enough) would run away: hold
+        # it within 10^4 of where it started, and say so once
+        lo, hi = self.hparams.l1_coeff * 1e-4, self.hparams.l1_coeff * 1e4
+        if not lo <= float(self.l1_coeff_buf) <= hi:
+            self.l1_coeff_buf.clamp_(lo, hi)
+            if not self._target_warned and self.trainer.is_global_zero:
+                self._target_warned = True
+                log.warning("target_l0=%g: λ reached %.3g (10^4 from model.l1_coeff=%g) with L0 %.1f; L0 is not "
+                            "following λ. Held there; check the architecture's settings (e.g. JumpReLU's "
+                            "init threshold and learning rate)", target, float(self.l1_coeff_buf),
+                            self.hparams.l1_coeff, l0)
 
     def training_step(self, x_BM: torch.Tensor, batch_idx: int) -> torch.Tensor:
         loss, logs = self.train_loss(x_BM)

@@ -52,12 +52,12 @@ def run(cfg: DictConfig) -> dict:
     if cfg.correlations and not correlations:
         log.info("most-correlated features skipped: %d features > %d", sae.d_sae, MAX_CORRELATION_FEATURES)
     control_MC = random_directions(sae.d_in, int(cfg.n_control), settings.seed).to(cfg.device)
-    b_dec = sae.b_dec.detach()
     unit_sets = {
         "features": (sae.encode, sae.d_sae, correlations),
         "neurons": (lambda a: a, sae.d_in, False),
-        # the control: random unit directions through a ReLU, measured from the SAE's b_dec like its features
-        "control": (lambda a: F.relu((a - b_dec) @ control_MC), control_MC.shape[1], False),
+        # the control: random unit directions through a ReLU, read from the SAE's encoder input like its features
+        # (x − b_dec, or x for a recipe without pre-encoder bias)
+        "control": (lambda a: F.relu(sae.encoder_input(a) @ control_MC), control_MC.shape[1], False),
     }
     stats = collect(net.mlp_acts, tokens, T, unit_sets, net.cfg.vocab_size, settings,
                     batch_windows=int(cfg.batch_windows), progress=cfg.get("progress", True), device=cfg.device)

@@ -8,6 +8,7 @@ holds a complete set with the same settings is reused, not rewritten.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -42,8 +43,10 @@ def settings(cfg: DictConfig) -> dict:
 
 
 def default_dir(cfg: DictConfig, s: dict) -> Path:
+    # the main settings readable, all of them (magnitude, noise, dtype, …) in the hash
+    digest = hashlib.sha256(json.dumps(s, sort_keys=True).encode()).hexdigest()[:8]
     name = (f"k{s['n_features']}_d{s['d_in']}_l0{s['l0']:g}_a{s['density_exponent']:g}_rho{s['correlation']:g}"
-            f"_n{s['n_tokens']}_s{s['seed']}")
+            f"_n{s['n_tokens']}_s{s['seed']}-{digest}")
     return Path(cfg.paths.data_dir) / "ground_truth" / name
 
 

@@ -162,13 +162,13 @@ def run(cfg: DictConfig) -> dict:
         model = SAESweepModule(modules, [name for name, _ in members])
         model.member_dirs = [str(d) for d in dirs]
         member_loggers = []
-        for (name, model_cfg), root in zip(members, dirs):
+        for (name, model_cfg), root, module in zip(members, dirs, modules):
             lgs = instantiate_loggers(OmegaConf.create(member_logger_configs(cfg, name, root)))
             member_cfg = cfg.copy()
             with open_dict(member_cfg):
                 member_cfg.model = model_cfg
-            log_hyperparameters(member_cfg, lgs, {**data_facts, "model/l1_coeff_raw": model_cfg.l1_coeff / dm.scale,
-                                                  "sweep/member": name})
+            raw = module.sae.raw_coeff(model_cfg.l1_coeff, dm.scale)
+            log_hyperparameters(member_cfg, lgs, {**data_facts, "model/l1_coeff_raw": raw, "sweep/member": name})
             member_loggers.append(lgs)
         model.member_loggers = member_loggers
         # the trainer's own loggers (the run's folder: the summed loss, the LR) are the file loggers; each SAE's
@@ -178,7 +178,8 @@ def run(cfg: DictConfig) -> dict:
         model = modules[0]
         member_loggers = []
         trainer, loggers = build_trainer(cfg)
-        log_hyperparameters(cfg, loggers, {**data_facts, "model/l1_coeff_raw": cfg.model.l1_coeff / dm.scale})
+        log_hyperparameters(cfg, loggers, {**data_facts,
+                                            "model/l1_coeff_raw": model.sae.raw_coeff(cfg.model.l1_coeff, dm.scale)})
     try:
         trainer.fit(model, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
         timings["train SAE" + ("s" if sweep else "")] = time.time() - t0
@@ -241,7 +242,7 @@ def finish_sae(cfg: DictConfig, model_cfg: DictConfig, model, dm, trainer: L.Tra
         sae, out / "export", dm.scale, dm.manifest.get("hook", "blocks.0.mlp.hook_post"),
         int(dm.manifest.get("n_ctx") or 0),
         extra_metadata={"l1_coeff": l1_coeff, "l1_reduction": model_cfg.l1_reduction,
-                        "l1_coeff_raw": l1_coeff / dm.scale if l1_coeff is not None else None,
+                        "l1_coeff_raw": sae.raw_coeff(l1_coeff, dm.scale) if l1_coeff is not None else None,
                         **({"target_l0": model_cfg.target_l0, "l1_coeff_init": model_cfg.l1_coeff}
                            if model_cfg.get("target_l0") is not None else {}),
                         "dataset_path": dm.source, "val_shards": cfg.data.get("val_shards"),
@@ -257,7 +258,8 @@ def finish_sae(cfg: DictConfig, model_cfg: DictConfig, model, dm, trainer: L.Tra
         **({"target_l0": float(model_cfg.target_l0), "l1_coeff_init": float(model_cfg.l1_coeff)}
            if model_cfg.get("target_l0") is not None else {}),
         # the loss is s²·(MSE_raw + (λ/s)·Σ f_raw): λ/s is the coefficient that acts on raw activations
-        "norm_scale": dm.scale, "l1_coeff_raw": l1_coeff / dm.scale if l1_coeff is not None else None,
+        "norm_scale": dm.scale,
+        "l1_coeff_raw": sae.raw_coeff(l1_coeff, dm.scale) if l1_coeff is not None else None,
         "d_sae": model_cfg.d_sae, "lr": OmegaConf.select(model_cfg, "optimizer.lr"),
         "training_tokens": int(model.tokens_seen),
         "dead_window_tokens": int(model_cfg.dead_window_tokens),

@@ -80,7 +80,9 @@ def pin_features(sae: SparseAutoencoder, indices: list[int], values: list[float 
         dev = acts_BTM.device
         i, c_K = idx.to(dev), target_K.to(acts_BTM)
         if keep_error:
-            f_BTK = torch.relu((acts_BTM - sae.b_dec) @ sae.W_enc[:, i] + sae.b_enc[i])
+            # the SAE's own encoder: TopK needs every pre-activation, JumpReLU its thresholds, and a
+            # recipe without pre-encoder bias does not subtract b_dec
+            f_BTK = sae.encode(acts_BTM)[..., i]
             new_BTM = acts_BTM + (c_K - f_BTK) @ sae.W_dec[i]
         else:
             f_BTF = sae.encode(acts_BTM)

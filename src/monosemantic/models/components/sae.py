@@ -189,6 +189,11 @@ class SparseAutoencoder(nn.Module):
         """The ``cfg.json`` fields that describe this architecture to SAELens."""
         return {"architecture": self.architecture, "apply_b_dec_to_input": self.pre_encoder_bias}
 
+    def raw_coeff(self, coeff: float, scale: float) -> float | None:
+        """The coefficient that acts on *raw* activations when ``coeff`` acts on ``scale``-normalised ones: the
+        loss is s²·(MSE_raw + (λ/s)·Σ f_raw) for an L1 term. None where the loss has no λ."""
+        return coeff / scale if self.uses_penalty else None
+
     def config(self) -> dict[str, Any]:
         """The constructor arguments that rebuild this SAE (less the sizes), for :func:`build_sae`."""
         return {"architecture": self.architecture, "pre_encoder_bias": self.pre_encoder_bias,
@@ -443,6 +448,10 @@ class JumpReLUSAE(SparseAutoencoder):
 
     def select(self, pre_BF: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return (pre_BF > self.threshold).nonzero(as_tuple=True)
+
+    def raw_coeff(self, coeff: float, scale: float) -> float | None:
+        """L0 does not change with the scale: the loss is s²·(MSE_raw + (λ/s²)·L0)."""
+        return coeff / scale**2
 
     def penalty(self, pre_BF: torch.Tensor, feats_BF: torch.Tensor) -> torch.Tensor:
         """The L0 of each input, with θ's straight-through gradient (none reaches the pre-activations)."""
