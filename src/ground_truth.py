@@ -1,7 +1,7 @@
 """Write a ground-truth shard set (known sparse features): ``python src/ground_truth.py l0=8 n_features=1024``.
 
 Then ``python src/train.py experiment=sae_4096 data.shards=<the printed folder>``: metrics.json reports how many
-of the planted features the SAE recovered (README "Ground truth")."""
+of the planted features the SAE recovered (README "Beyond the paper")."""
 
 import os
 from pathlib import Path

@@ -5,7 +5,8 @@
   architectures (``architecture``: TopK, BatchTopK, JumpReLU; :mod:`.components.sae`) bring their own sparsity
   term (none for TopK, λ·L0 for JumpReLU) and may add AuxK; the rest of this module is the same for all.
 - Adam; before each step the gradient component parallel to each decoder row is removed, after it the
-  rows are renormalised (decoder hygiene lives on the SAE: ``remove_parallel_grads_``, ``normalize_decoder_``).
+  rows are renormalised (decoder hygiene lives on the SAE: ``remove_parallel_grads_``, ``normalize_decoder_``;
+  both are no-ops for free rows, ``normalize_decoder=false``).
 - ``tokens_since_fired`` (a buffer, so it is checkpointed) counts, per feature, the tokens seen on *all*
   ranks since it last fired: per-step fire counts are summed across ranks, so every rank makes the same
   dead-feature decision (for :class:`~monosemantic.callbacks.resampler.NeuronResampler`).
@@ -175,7 +176,8 @@ class SAEModule(L.LightningModule):
     def aux_k_loss(self, x_BM: torch.Tensor, x_hat_BM: torch.Tensor) -> torch.Tensor | None:
         """AuxK (Gao et al., 2024, appendix A.2): the residual ``e = x − x̂`` (no gradient) is reconstructed from
         the dead latents alone, ``ê = TopK_aux(pre_dead) W_dec[dead]``, and ``‖ê − e‖²`` (mean over elements,
-        like the MSE) weighted by ``aux_k_coeff`` joins the loss. Only dead latents' pre-activations are
+        like our MSE; Gao et al. normalise by the residual's variance instead, so the same ``aux_k_coeff`` is
+        weaker here) joins the loss. Only dead latents' pre-activations are
         computed, so live latents get no gradient from it; None when nothing is dead or it is off."""
         coeff = self.hparams.aux_k_coeff
         if not coeff:
