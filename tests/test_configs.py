@@ -8,6 +8,7 @@ import torch
 from conftest import CONFIGS, compose_cfg
 from omegaconf import OmegaConf, open_dict
 
+from monosemantic.errors import ConfigError
 from monosemantic.utils.hydra_utils import instantiate_callbacks, instantiate_loggers
 
 
@@ -183,5 +184,5 @@ def test_the_bounded_objective_is_fidelity_inside_the_bound_and_pays_for_each_do
     assert bounded_objective({"loss_recovered": 0.9, "l0": 15.0}, spec) == pytest.approx(0.9)
     assert bounded_objective({"loss_recovered": 0.95, "l0": 40.0}, spec) == pytest.approx(-0.05)
     assert bounded_objective({"loss_recovered": 0.9, "l0": 15.0}, None) is None
-    with pytest.raises(KeyError, match="objective.fidelity='loss_recovered'"):
+    with pytest.raises(ConfigError, match="objective.fidelity='loss_recovered'"):
         bounded_objective({"explained_variance": 0.9, "l0": 15.0}, spec)

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from wandb_records import run_record
 
 from monosemantic.data.synthetic import random_directions, write_synthetic_shards
+from monosemantic.errors import ConfigError
 from monosemantic.stages import run_training
 from monosemantic.stages.sae import member_configs
 
@@ -126,7 +127,7 @@ def test_the_frontier_reads_an_in_process_sweep(sweep_run, tmp_path):
 def test_a_grid_key_the_sae_does_not_have_is_named(synthetic, tmp_path):
     cfg = compose_cfg("train", ["experiment=sae_sweep", f"data.shards={synthetic}", "+saes.grid.l1_cof=[1,2]"],
                       tmp_path)
-    with pytest.raises(KeyError, match=r"saes\.grid\.l1_cof"):
+    with pytest.raises(ConfigError, match=r"saes\.grid\.l1_cof"):
         member_configs(cfg)
 
 

@@ -37,6 +37,7 @@ from monosemantic.data.contexts import block_positions, context_starts
 from monosemantic.data.shards.format import FORMAT, VERSION, decode_context, row_norms, scale_from_norms, shard_name
 from monosemantic.data.shards.writer import SampleBatch, TarShardWriter, aligned_zeros
 from monosemantic.data.token_store import load_split
+from monosemantic.errors import ConfigError, InputError, NonFiniteError
 from monosemantic.models.components.transformer import MLP_HOOK
 from monosemantic.models.transformer_module import load_transformer
 from monosemantic.utils.hydra_utils import config_key
@@ -79,17 +80,43 @@ def check_identity(out_dir: str | Path, model_dir: str | Path, settings: CacheSe
     _check_identity(Path(out_dir), cache_identity(model_dir, settings))
 
 
+def _differences(recorded: dict, asked: dict, keys: set[str]) -> str:
+    return "; ".join(f"{k}: {recorded.get(k)!r} there, {asked.get(k)!r} asked for" for k in sorted(keys)
+                     if recorded.get(k) != asked.get(k))
+
+
 def _check_identity(out_dir: Path, identity: dict) -> None:
+    """Refuse ``out_dir`` if it holds a set this model and these settings did not write. The identity file is
+    written before the first shard, so a set without one (a manifest, or shards alone) came from elsewhere:
+    another tool, an older version, a copy. Its manifest's settings are compared when it has one, to say what
+    differs; when nothing can be compared its origin is unknown, and it is refused all the same."""
     recorded_file = out_dir / IDENTITY_FILE
-    if not recorded_file.is_file():
+    fix = "Choose another out_dir, or leave out_dir unset: the default directory is keyed by model and settings."
+    if recorded_file.is_file():
+        try:
+            recorded = json.loads(recorded_file.read_text())
+        except json.JSONDecodeError as e:
+            raise InputError(f"{recorded_file}: not valid JSON ({e}); the set's origin is unknown. {fix}") from e
+        what = _differences(recorded, identity, set(recorded) | set(identity))
+        if what:
+            raise InputError(f"{out_dir} holds activations of another model or other settings ({what}). {fix}")
         return
-    recorded = json.loads(recorded_file.read_text())
-    diff = {k: (recorded.get(k), identity.get(k)) for k in sorted(set(recorded) | set(identity))
-            if recorded.get(k) != identity.get(k)}
-    if diff:
-        what = "; ".join(f"{k}: {a!r} there, {b!r} asked for" for k, (a, b) in diff.items())
-        raise ValueError(f"{out_dir} holds activations of another model or other settings ({what}). "
-                         "Choose another out_dir, or leave out_dir unset: the default directory is keyed by both.")
+    manifest_file = out_dir / "manifest.json"
+    shards = sorted(p.name for p in out_dir.glob("shard-*.tar*")) if out_dir.is_dir() else []
+    if not manifest_file.is_file() and not shards:
+        return  # nothing of a shard set here
+    what = ""
+    if manifest_file.is_file():
+        try:
+            settings = json.loads(manifest_file.read_text()).get("settings") or {}
+        except (json.JSONDecodeError, AttributeError):
+            settings = {}
+        what = _differences(settings, identity, set(identity) - {"model_sha256"})
+    found = "a manifest.json" if manifest_file.is_file() else f"{len(shards)} shard file(s) ({shards[0]}, ...)"
+    raise InputError(f"{out_dir} holds {found} but no {IDENTITY_FILE}: "
+                     + (f"its settings differ ({what}). " if what else
+                        "the model and settings that wrote it are unknown, so it can be neither reused nor resumed "
+                        "into. ") + fix)
 
 
 def shard_positions(shard_index: int, n: int, n_ctx: int, k: int, seed: int) -> np.ndarray:
@@ -108,6 +135,23 @@ def gather_positions(acts_BTM: torch.Tensor, pos_BK: torch.Tensor) -> torch.Tens
 def _host_zeros(shape: tuple[int, ...], dtype: np.dtype, pinned: bool) -> np.ndarray:
     """Zeroed, page-aligned host memory; page-locked when the activations come from a GPU (faster copies)."""
     return torch.zeros(shape, dtype=torch.uint8, pin_memory=True).numpy() if pinned else aligned_zeros(shape, dtype)
+
+
+def _nonfinite_activations(acts: torch.Tensor, dtype: str, shard: int, idx: np.ndarray, starts: np.ndarray,
+                           out_dir: Path) -> NonFiniteError:
+    """The error for a batch of activations that is not finite once cast to the shard dtype."""
+    where = (f"shard {shard} ({shard_name(shard)}), contexts {int(idx[0])}–{int(idx[-1])} of the seeded order "
+             f"(token offsets {int(starts[idx[0]])}…)")
+    a = acts.float()
+    if torch.isnan(a).any():
+        cause = "the transformer's activations contain NaN: the model itself is broken (check its checkpoint)"
+    elif not torch.isfinite(a).all():
+        cause = "the transformer's activations contain inf: the model itself is broken (check its checkpoint)"
+    else:
+        cause = (f"activations up to |x| = {float(a.abs().max()):.6g} exceed {dtype}'s largest value (65,504) and "
+                 "would be written as inf: cache with settings.dtype=float32 (into another out_dir, or the default)")
+    return NonFiniteError(f"{where}: {cause}. Nothing of this shard was kept; the complete shards in {out_dir} "
+                          "are intact.")
 
 
 def _write_batch(sink: TarShardWriter, batch: SampleBatch, n: int) -> None:
@@ -146,7 +190,7 @@ def write_activation_cache(model_dir: str | Path, out_dir: str | Path, settings:
     n_shards = math.ceil(settings.n_contexts / cps)
     torch_dtype = {"float16": torch.float16, "float32": torch.float32}.get(settings.dtype)
     if torch_dtype is None:
-        raise ValueError(f"settings.dtype={settings.dtype!r}: the shard format allows float16 or float32")
+        raise ConfigError(f"settings.dtype={settings.dtype!r}: the shard format allows float16 or float32")
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / IDENTITY_FILE, identity)  # before any shard: a resumed run is checked against it
     for stale in out_dir.glob("*.tar.tmp"):  # a shard a killed run left half-written
@@ -198,6 +242,12 @@ def write_activation_cache(model_dir: str | Path, out_dir: str | Path, settings:
                     slot = n_batches % max_pending
                     batch, n_batches = ring[slot], n_batches + 1
                     ring_acts[slot][:n].copy_(picked_BKM)  # float16 (or 32) straight into the tar stream
+                    # NaN from the model, or |x| > 65,504 cast to float16 (inf): stop before it is written.
+                    # Checked where the data is (on a GPU there, before the host copy is used; on the CPU the
+                    # cast buffer): one pass over a batch, small beside the forward.
+                    written = picked_BKM if picked_BKM.device.type != "cpu" else ring_acts[slot][:n]
+                    if not bool(torch.isfinite(written).all()):
+                        raise _nonfinite_activations(picked_BKM, settings.dtype, i, idx, starts, out_dir)
                     del acts_BTM, picked_BKM  # freed before the next forward allocates its own
                     batch.arrays["context"][:n] = ctx_BT
                     batch.arrays["positions"][:n] = pos_BK

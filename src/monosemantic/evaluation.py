@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from monosemantic.errors import ConfigError
 from monosemantic.metrics import (
     L0,
     ExplainedVariance,
@@ -68,6 +69,23 @@ def lr_absent_reason(metrics: dict, windows_reason: str | None) -> str | None:
     return "no held-out token windows were read"
 
 
+def too_small_warnings(metrics: dict, min_tokens: int, min_lr_tokens: int) -> list[str]:
+    """Why ``metrics`` (from :func:`evaluate`) may not measure what they report: a held-out set of fewer than
+    ``min_tokens`` activations (MSE, L0 and explained variance are noisy, and every feature rarer than one in
+    that many reads as dead) or loss recovered from fewer than ``min_lr_tokens`` spliced tokens."""
+    out = []
+    n = int(metrics.get("n_tokens") or 0)
+    if n < min_tokens:
+        out.append(f"the held-out set has {n:,} activations, fewer than eval_min_tokens={min_tokens:,}: MSE, L0 "
+                   f"and explained variance are noisy, and dead_frac counts as dead every feature rarer than 1 in "
+                   f"{max(n, 1):,}. Hold out more (a bigger cache, data.val_shards, data.val_tokens)")
+    lr_tokens = metrics.get("lr_tokens")
+    if "loss_recovered" in metrics and lr_tokens is not None and int(lr_tokens) < min_lr_tokens:
+        out.append(f"loss recovered comes from {int(lr_tokens):,} spliced tokens, fewer than "
+                   f"eval_min_lr_tokens={min_lr_tokens:,} (raise final_eval_lr_windows, or a bigger token store)")
+    return out
+
+
 def _next_token_logprobs(logits_BTV: torch.Tensor) -> torch.Tensor:
     """Log-probabilities ``[B*(T-1), V]`` at positions 0..T-2 (those with a next token), in float32+."""
     logits = logits_BTV[:, :-1].reshape(-1, logits_BTV.shape[-1])
@@ -107,7 +125,7 @@ class SAEMetrics(nn.Module):
         """``sync=False`` for a single-process evaluation inside a distributed job (rank 0 after training)."""
         super().__init__()
         if ablation not in ("zero", "mean"):
-            raise ValueError(f"ablation={ablation!r} is not 'zero' or 'mean'")
+            raise ConfigError(f"ablation={ablation!r} is not 'zero' or 'mean'")
         self.ablation = ablation
         kw = {"sync_on_compute": sync}
         self.mse = ReconstructionMSE(**kw)

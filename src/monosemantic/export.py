@@ -27,6 +27,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from monosemantic.errors import InputError
 from monosemantic.models.components.sae import SparseAutoencoder, sae_from_inference
 from monosemantic.utils.io import atomic_dir, write_json_atomic
 
@@ -113,42 +114,42 @@ def load_sae(path: str | Path) -> tuple[SparseAutoencoder, dict[str, Any]]:
     cfg_path, weights_path = path / CFG_FILE, path / WEIGHTS_FILE
     for p in (cfg_path, weights_path):
         if not p.is_file():
-            raise ValueError(f"{p}: missing; an SAE export folder holds {CFG_FILE} and {WEIGHTS_FILE}")
+            raise InputError(f"{p}: missing; an SAE export folder holds {CFG_FILE} and {WEIGHTS_FILE}")
     try:
         cfg = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_path}: not valid JSON ({e})") from e
+        raise InputError(f"{cfg_path}: not valid JSON ({e})") from e
     for key in ("d_in", "d_sae"):
         if not isinstance(cfg.get(key), int) or cfg[key] <= 0:
-            raise ValueError(f"{cfg_path}: '{key}' must be a positive integer, got {cfg.get(key)!r}")
+            raise InputError(f"{cfg_path}: '{key}' must be a positive integer, got {cfg.get(key)!r}")
     arch = cfg.get("architecture", "standard")
     if arch not in LOADABLE:
-        raise ValueError(f"{cfg_path}: 'architecture' is {arch!r}; supported: {', '.join(LOADABLE)}")
+        raise InputError(f"{cfg_path}: 'architecture' is {arch!r}; supported: {', '.join(LOADABLE)}")
     if cfg.get("normalize_activations", "none") != "none":
-        raise ValueError(f"{cfg_path}: 'normalize_activations' is {cfg['normalize_activations']!r}; only 'none' "
+        raise InputError(f"{cfg_path}: 'normalize_activations' is {cfg['normalize_activations']!r}; only 'none' "
                          "is supported")
     if not isinstance(cfg.get("apply_b_dec_to_input", True), bool):
-        raise ValueError(f"{cfg_path}: 'apply_b_dec_to_input' must be true or false")
+        raise InputError(f"{cfg_path}: 'apply_b_dec_to_input' must be true or false")
     if arch == "topk" and not (isinstance(cfg.get("k"), int) and 0 < cfg["k"] <= cfg["d_sae"]):
-        raise ValueError(f"{cfg_path}: a topk SAE needs 'k', an integer in [1, d_sae], got {cfg.get('k')!r}")
+        raise InputError(f"{cfg_path}: a topk SAE needs 'k', an integer in [1, d_sae], got {cfg.get('k')!r}")
     if arch == "topk" and cfg.get("rescale_acts_by_decoder_norm"):
-        raise ValueError(f"{cfg_path}: 'rescale_acts_by_decoder_norm' true is not supported (fold the norms)")
+        raise InputError(f"{cfg_path}: 'rescale_acts_by_decoder_norm' true is not supported (fold the norms)")
 
     d_in, d_sae = cfg["d_in"], cfg["d_sae"]
     try:
         tensors = load_file(str(weights_path))
     except (SafetensorError, OSError) as e:
-        raise ValueError(f"{weights_path}: unreadable safetensors file ({e})") from e
+        raise InputError(f"{weights_path}: unreadable safetensors file ({e})") from e
     shapes = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,),
               **({"threshold": (d_sae,)} if arch == "jumprelu" else {})}
     if set(tensors) != set(shapes):
-        raise ValueError(f"{weights_path}: expected exactly the tensors {sorted(shapes)}, "
+        raise InputError(f"{weights_path}: expected exactly the tensors {sorted(shapes)}, "
                          f"found {sorted(tensors)}")
     for name, shape in shapes.items():
         if tuple(tensors[name].shape) != shape:
-            raise ValueError(f"{weights_path}: '{name}' has shape {tuple(tensors[name].shape)}, expected "
+            raise InputError(f"{weights_path}: '{name}' has shape {tuple(tensors[name].shape)}, expected "
                              f"{shape} from {CFG_FILE} (d_in={d_in}, d_sae={d_sae})")
 
     if arch == "jumprelu" and (tensors["threshold"] < 0).any():
-        raise ValueError(f"{weights_path}: 'threshold' has negative entries; a JumpReLU threshold is >= 0")
+        raise InputError(f"{weights_path}: 'threshold' has negative entries; a JumpReLU threshold is >= 0")
     return sae_from_inference({**cfg, "architecture": arch}, tensors), cfg

@@ -16,6 +16,7 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from monosemantic.errors import InputError, MissingInputError
 from monosemantic.stages.summary import sweep_row
 
 log = logging.getLogger(__name__)
@@ -38,20 +39,20 @@ def collect(paths: Iterable[str | Path]) -> list[dict]:
     rows: list[dict] = []
     for root in roots:
         if not root.exists():
-            raise FileNotFoundError(f"runs: {root} does not exist")
+            raise MissingInputError(f"runs: {root} does not exist")
         files = [root] if root.is_file() else sorted(root.rglob("metrics.json"))
         found = 0
         for f in files:
             try:
                 final = json.loads(f.read_text())
             except json.JSONDecodeError as e:
-                raise ValueError(f"{f}: not JSON ({e})") from e
+                raise InputError(f"{f}: not JSON ({e})") from e
             if not isinstance(final, dict) or "l0" not in final:  # e.g. a transformer run's
                 continue
             rows.append(sweep_row(_name(f, roots), final, f))
             found += 1
         if not found:
-            raise FileNotFoundError(f"runs: no SAE metrics.json (with an l0) under {root}")
+            raise MissingInputError(f"runs: no SAE metrics.json (with an l0) under {root}")
     return rows
 
 
@@ -99,7 +100,7 @@ def latest_sweep(log_dir: str | Path) -> Path:
     root = Path(log_dir)
     found = [p for p in root.glob("multiruns/*") if p.is_dir()] + [p.parent for p in root.glob("*/runs/*/saes")]
     if not found:
-        raise FileNotFoundError(f"runs=[]: no sweep under {root} (no multiruns/<stamp>, no <task>/runs/<stamp>/saes);"
+        raise MissingInputError(f"runs=[]: no sweep under {root} (no multiruns/<stamp>, no <task>/runs/<stamp>/saes);"
                                 " pass runs=[<folder or metrics.json>, ...]")
     return max(found, key=lambda p: p.stat().st_mtime)
 

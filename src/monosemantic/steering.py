@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from monosemantic.analysis.collect import token_windows
+from monosemantic.errors import ConfigError
 from monosemantic.models.components.sae import SparseAutoencoder
 from monosemantic.models.components.transformer import HookFn, Transformer
 
@@ -33,7 +34,7 @@ def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, see
     number per token whatever the distribution, so two calls with the same seed differ only where their
     distributions do. ``temperature=0`` is greedy."""
     if not prompt_ids:
-        raise ValueError("the prompt encodes to no tokens")
+        raise ConfigError("the prompt encodes to no tokens")
     g = torch.Generator().manual_seed(seed)
     ids = list(prompt_ids)
     for _ in range(max_new_tokens):

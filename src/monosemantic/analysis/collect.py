@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from monosemantic.analysis.topk import GroupTopK
+from monosemantic.errors import ConfigError
 
 Encode = Callable[[torch.Tensor], torch.Tensor]
 
@@ -100,7 +101,7 @@ class UnitAccumulator:
                  correlations: bool = False) -> None:
         for key in ("n_top", "n_sample", "per_bin"):
             if getattr(settings, key) < 1:
-                raise ValueError(f"collect.{key}={getattr(settings, key)} must be ≥ 1")
+                raise ConfigError(f"collect.{key}={getattr(settings, key)} must be ≥ 1")
         self.name, self.U, self.V, self.s = name, n_units, vocab_size, settings
         self.C = settings.ctx_before + 1 + settings.ctx_after
         self.gen = torch.Generator().manual_seed(settings.seed)

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from monosemantic.analysis.collect import UnitStats
+from monosemantic.errors import ConfigError
 
 
 @torch.no_grad()
@@ -96,9 +97,9 @@ def proxies(stats: UnitStats, tokens: np.ndarray, next_tokens: np.ndarray, windo
     s = settings or ProxySettings()
     for key in ("n_tokens", "n_logit", "context"):
         if getattr(s, key) < (0 if key == "context" else 1):
-            raise ValueError(f"proxies.{key}={getattr(s, key)} must be ≥ {0 if key == 'context' else 1}")
+            raise ConfigError(f"proxies.{key}={getattr(s, key)} must be ≥ {0 if key == 'context' else 1}")
     if s.n_context < 2:
-        raise ValueError(f"proxies.n_context={s.n_context} must be ≥ 2 (contexts are compared in pairs)")
+        raise ConfigError(f"proxies.n_context={s.n_context} must be ≥ 2 (contexts are compared in pairs)")
     tok = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
     loc_UM, act_UM = stats.sample_loc, stats.sample_act
     eligible_U = (loc_UM >= 0).all(1)

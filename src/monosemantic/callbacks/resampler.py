@@ -17,6 +17,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from monosemantic.errors import ConfigError
 from monosemantic.models.components.sae import SparseAutoencoder
 
 log = logging.getLogger(__name__)
@@ -109,9 +110,9 @@ class NeuronResampler(L.Callback):
                  score_chunk: int = 8192) -> None:
         super().__init__()
         if score not in ("loss", "mse"):
-            raise ValueError(f"score must be 'loss' or 'mse', got {score!r}")
+            raise ConfigError(f"score must be 'loss' or 'mse', got {score!r}")
         if dead_window_tokens <= 0 or n_loss_inputs <= 0 or score_chunk <= 0:
-            raise ValueError("dead_window_tokens, n_loss_inputs and score_chunk must be positive, got "
+            raise ConfigError("dead_window_tokens, n_loss_inputs and score_chunk must be positive, got "
                              f"{dead_window_tokens}, {n_loss_inputs}, {score_chunk}")
         self.resample_steps = sorted(int(s) for s in resample_steps)
         self.dead_window_tokens = int(dead_window_tokens)

@@ -28,6 +28,8 @@ import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset
 
+from monosemantic.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 # saved with the batch count in a datamodule's checkpoint state: the stream layout that count refers to
@@ -199,7 +201,7 @@ class ChunkedStream(IterableDataset):
                 return pass_index, len(counts), 0  # past the end of a finite stream
             empty = empty + 1 if total == 0 else 0  # a slot may draw no unit in one pass, not in every pass
             if empty > 64:
-                raise ValueError("this stream slot gets no whole batch pass after pass: fewer rows per slot than "
+                raise ConfigError("this stream slot gets no whole batch pass after pass: fewer rows per slot than "
                                  "batch_size (fewer ranks × workers, or a smaller batch)")
             batches -= total
             pass_index += 1

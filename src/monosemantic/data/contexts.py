@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from monosemantic.errors import ConfigError
+
 
 def context_starts(n_tokens: int, n_ctx: int, n_contexts: int | None, seed: int) -> np.ndarray:
     """The first ``n_contexts`` (None: all) non-overlapping ``n_ctx`` tiles of ``n_tokens`` tokens, in a seeded
@@ -21,7 +23,7 @@ def context_starts(n_tokens: int, n_ctx: int, n_contexts: int | None, seed: int)
     tiles = np.arange(0, n_tokens - n_ctx + 1, n_ctx)
     n_contexts = len(tiles) if n_contexts is None else n_contexts
     if n_contexts > len(tiles):
-        raise ValueError(f"n_contexts={n_contexts:,} but the token split holds only {len(tiles):,} "
+        raise ConfigError(f"n_contexts={n_contexts:,} but the token split holds only {len(tiles):,} "
                          f"non-overlapping contexts of {n_ctx} tokens (contexts are never repeated)")
     return np.random.default_rng(seed).permutation(tiles)[:n_contexts]
 
@@ -43,7 +45,7 @@ def block_positions(block: int, n: int, n_ctx: int, k: int, seed: int, pass_inde
     the ``p``-th run of ``k`` positions of the same per-context permutation while they last
     (:func:`distinct_passes`), then a permutation seeded by the cycle as well."""
     if k > n_ctx:
-        raise ValueError(f"tokens_per_context={k} exceeds n_ctx={n_ctx}")
+        raise ConfigError(f"tokens_per_context={k} exceeds n_ctx={n_ctx}")
     if k == n_ctx:
         return np.broadcast_to(np.arange(n_ctx), (n, n_ctx))
     cycle, slot = divmod(pass_index, distinct_passes(n_ctx, k))

@@ -19,6 +19,7 @@ stream ``datasets``' own ``state_dict``), so a tokenization that was stopped goe
 
 from __future__ import annotations
 
+import codecs
 import glob
 import gzip
 import hashlib
@@ -30,14 +31,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from monosemantic.errors import UserError
+
 log = logging.getLogger(__name__)
 
 LINUX_DOC_GLOB = "/usr/share/doc/linux-doc-*/Documentation"
 KINDS = ("linux_doc", "python_stdlib", "files", "hub")
 
 
-class CorpusError(RuntimeError):
-    pass
+class CorpusError(UserError, RuntimeError):
+    """A corpus that cannot be read as asked: missing files, no text, an unknown kind."""
 
 
 @dataclass
@@ -117,6 +120,33 @@ def _materialize(cfg: CorpusConfig, cache_dir: Path) -> tuple[Path, dict]:
     return out, info
 
 
+def check_text_file(path: Path, chunk: int = 1 << 20) -> None:
+    """Raise :class:`CorpusError` naming ``path`` and the byte where it stops being UTF-8 text (a NUL byte: a
+    binary file; an invalid sequence: another encoding). One streaming pass, in ``chunk``-byte reads."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    try:
+        with open(path, "rb") as f:
+            while block := f.read(chunk):
+                nul = block.find(b"\0")
+                if nul >= 0:
+                    raise CorpusError(f"corpus file {path} is not text: a NUL byte at offset {offset + nul:,} "
+                                      "(a binary file?); data.corpus.data_files should match text files only")
+                try:
+                    decoder.decode(block)
+                except UnicodeDecodeError as e:
+                    raise CorpusError(f"corpus file {path} is not UTF-8 text: byte {offset + e.start:,} "
+                                      f"({block[e.start:e.start + 1]!r}) starts no UTF-8 character. Convert it "
+                                      "(e.g. iconv -f latin1 -t utf-8) or leave it out of data.corpus.data_files"
+                                      ) from None
+                offset += len(block)
+            decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise CorpusError(f"corpus file {path} is not UTF-8 text: it ends inside a character") from None
+    except OSError as e:
+        raise CorpusError(f"corpus file {path} cannot be read: {e}") from e
+
+
 class Corpus:
     """Documents of a corpus, in a fixed order, read with ``datasets``."""
 
@@ -137,6 +167,9 @@ class Corpus:
             files = sorted(glob.glob(cfg.data_files)) if isinstance(cfg.data_files, str) else list(cfg.data_files)
             if not files:
                 raise CorpusError(f"data.corpus.data_files={cfg.data_files!r} matches no file")
+            if cfg.builder in ("text", "json"):
+                for f in files:
+                    check_text_file(Path(f))
             self._load_args = {"path": cfg.builder, "data_files": files, "split": "train", "streaming": cfg.streaming}
             digest = hashlib.sha256()
             for f in files:

@@ -33,6 +33,7 @@ from monosemantic.data.shards.reader import SkippedShards
 from monosemantic.data.stream_datamodule import StreamDataModule
 from monosemantic.data.token_datamodule import TokenWindows, tiled_starts
 from monosemantic.data.token_store import load_split
+from monosemantic.errors import ConfigError, InputError
 from monosemantic.models.components.transformer import MLP_HOOK
 from monosemantic.models.transformer_module import load_transformer
 
@@ -65,7 +66,7 @@ class OnTheFlyStream(ChunkedStream):
         super().__init__(batch_size, buffer_tokens if shuffle else batch_size, scale, seed, shuffle, infinite,
                          drop_last, with_ids, split_nodes, skip_batches)
         if dtype not in DTYPES:
-            raise ValueError(f"data.buffer_dtype={dtype!r} is not one of {sorted(DTYPES)}")
+            raise ConfigError(f"data.buffer_dtype={dtype!r} is not one of {sorted(DTYPES)}")
         self.net, self.tokens, self.starts, self.n_ctx = net, tokens, np.asarray(starts), n_ctx
         self.k, self.cpb, self.device, self.dtype = tokens_per_context, contexts_per_block, str(device), DTYPES[dtype]
         self.position_seed = seed if position_seed is None else position_seed
@@ -86,7 +87,7 @@ class OnTheFlyStream(ChunkedStream):
 
     def check_slots(self, n_units: int, n_slots: int) -> None:
         if n_units < n_slots:
-            raise ValueError(f"{n_units} blocks of contexts cannot feed {n_slots} ranks × workers: lower "
+            raise ConfigError(f"{n_units} blocks of contexts cannot feed {n_slots} ranks × workers: lower "
                              "data.contexts_per_block or use fewer workers")
 
     @torch.no_grad()
@@ -153,24 +154,24 @@ class OnTheFlyDataModule(StreamDataModule):
         if self.manifest:
             return
         if not self.hparams.model_dir:
-            raise ValueError("data.model_dir is not set: name an exported transformer (the SAE stage fills it in "
+            raise ConfigError("data.model_dir is not set: name an exported transformer (the SAE stage fills it in "
                              "with the one this scale trains)")
         self.net, mcfg = load_transformer(self.hparams.model_dir, "cpu")
         d_mlp, n_ctx = int(self.net.cfg.d_mlp), int(mcfg["model"]["n_ctx"])
         if self.hparams.d_in is not None and int(self.hparams.d_in) != d_mlp:
-            raise ValueError(f"data.d_in={self.hparams.d_in} but the transformer at {self.hparams.model_dir} has "
+            raise ConfigError(f"data.d_in={self.hparams.d_in} but the transformer at {self.hparams.model_dir} has "
                              f"d_mlp={d_mlp}")
         store = self.hparams.token_store or mcfg.get("token_store")
         if not store:
-            raise ValueError(f"{self.hparams.model_dir}/config.json names no token store; set data.token_store")
+            raise InputError(f"{self.hparams.model_dir}/config.json names no token store; set data.token_store")
         k = int(self.hparams.tokens_per_context)
         if not 0 < k <= n_ctx:
-            raise ValueError(f"data.tokens_per_context={k} must be in [1, n_ctx={n_ctx}]")
+            raise ConfigError(f"data.tokens_per_context={k} must be in [1, n_ctx={n_ctx}]")
         self.train_tokens, self.val_tokens = load_split(store, "train"), load_split(store, "val")
         self.starts = context_starts(len(self.train_tokens), n_ctx, self.hparams.n_contexts, self.hparams.seed)
         n_val = min(n_tiles(len(self.val_tokens), n_ctx), math.ceil(self.hparams.val_tokens / k))
         if n_val == 0:
-            raise ValueError(f"{store}/val.bin holds {len(self.val_tokens)} tokens: not one context of {n_ctx}")
+            raise InputError(f"{store}/val.bin holds {len(self.val_tokens)} tokens: not one context of {n_ctx}")
         self.val_starts = np.arange(n_val) * n_ctx  # the held-out documents' contexts, in order
         self.manifest = {
             "d_in": d_mlp, "hook": MLP_HOOK, "n_ctx": n_ctx, "tokens_per_context": k, "token_store": str(store),
@@ -205,7 +206,7 @@ class OnTheFlyDataModule(StreamDataModule):
                   dtype=self.hparams.buffer_dtype, forward_batch=self.hparams.forward_batch)
         kw.update(overrides)
         if self.hparams.num_workers > 0 and torch.device(kw["device"]).type != "cpu":
-            raise ValueError("data.num_workers > 0 runs the transformer in worker processes, on the CPU: set "
+            raise ConfigError("data.num_workers > 0 runs the transformer in worker processes, on the CPU: set "
                              "data.num_workers=0 to generate activations on the GPU")
         return OnTheFlyStream(**kw)
 

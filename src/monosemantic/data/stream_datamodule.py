@@ -4,6 +4,7 @@ activation samples. A subclass provides ``setup``, ``stream(split, **overrides)`
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -56,6 +57,22 @@ class StreamDataModule(L.LightningDataModule):
         trained on without reading them and loads only the chunk it resumes in."""
         self._resume_batches = check_stream_state(state_dict)
         self._resume_slots = state_dict.get("slots")
+
+    def describe_batch(self, batch: int) -> str:
+        """Where this rank's training batch number ``batch`` comes from: its pass, chunk and the chunk's units
+        (shards, or blocks of contexts on the fly), by the stream's arithmetic (nothing is read). With DataLoader
+        workers the worker is named; their plans are their own, so the units are not."""
+        workers = max(1, int(self.hparams.num_workers))
+        if workers > 1:
+            return (f"training batch {batch} (worker {batch % workers} of data.num_workers={workers}, its batch "
+                    f"{batch // workers})")
+        stream = self.stream("train")
+        pass_index, chunk, within = stream.position(batch)
+        plan = stream.plan(pass_index)
+        units = plan[chunk][0] if chunk < len(plan) else []
+        names = [Path(u).name if isinstance(u, str) else f"context block {u}" for u in units]
+        shown = ", ".join(names[:4]) + (f", … ({len(names)} in all)" if len(names) > 4 else "")
+        return f"training batch {batch} (pass {pass_index}, chunk {chunk} of [{shown}], batch {within} in it)"
 
     def lr_loader(self, n_windows: int | None = None) -> DataLoader | None:
         windows = self.lr_windows(n_windows)

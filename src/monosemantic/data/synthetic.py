@@ -24,6 +24,7 @@ import webdataset as wds
 from safetensors.torch import save_file
 
 from monosemantic.data.shards.format import FORMAT, VERSION, shard_name
+from monosemantic.errors import ConfigError
 from monosemantic.utils.io import atomic_dir, write_json_atomic
 
 DIRECTIONS_FILE = "directions.safetensors"
@@ -51,14 +52,14 @@ class FeatureModel:
     def __post_init__(self) -> None:
         K = self.directions_KM.shape[0]
         if self.p_K.shape != (K,) or not ((self.p_K >= 0) & (self.p_K <= 1)).all():
-            raise ValueError(f"p_K must be {K} probabilities in [0, 1]")
+            raise ConfigError(f"p_K must be {K} probabilities in [0, 1]")
         lo, hi = self.magnitude
         if not 0 <= lo <= hi:
-            raise ValueError(f"magnitude must be [lo, hi] with 0 <= lo <= hi, got {list(self.magnitude)}")
+            raise ConfigError(f"magnitude must be [lo, hi] with 0 <= lo <= hi, got {list(self.magnitude)}")
         if not 0 <= self.correlation < 1:
-            raise ValueError(f"correlation must be in [0, 1), got {self.correlation}")
+            raise ConfigError(f"correlation must be in [0, 1), got {self.correlation}")
         if self.group_size < 1 or self.noise_std < 0:
-            raise ValueError(f"group_size must be >= 1 and noise_std >= 0, got {self.group_size}, {self.noise_std}")
+            raise ConfigError(f"group_size must be >= 1 and noise_std >= 0, got {self.group_size}, {self.noise_std}")
 
     def sample(self, n: int, g: torch.Generator) -> torch.Tensor:
         """``n`` tokens ``[n, d_in]``."""
@@ -92,7 +93,7 @@ def feature_probabilities(n_features: int, l0: float, density_exponent: float = 
     features, a long tail of rare ones, as in language models), capped at 1 with the excess spread over the
     others so the L0 holds."""
     if not 0 < l0 <= n_features:
-        raise ValueError(f"l0 must be in (0, n_features={n_features}], got {l0}")
+        raise ConfigError(f"l0 must be in (0, n_features={n_features}], got {l0}")
     w = torch.arange(1, n_features + 1, dtype=torch.float64) ** -float(density_exponent)
     p = torch.zeros(n_features, dtype=torch.float64)
     free = torch.ones(n_features, dtype=torch.bool)
@@ -134,7 +135,7 @@ def write_synthetic_shards(out_dir: str | Path, directions_KM: torch.Tensor, n_t
                     rows = min(rows_per_sample, n_tokens - j * rows_per_sample)
                     acts = model.sample(rows, g).numpy().astype(np.dtype(dtype))
                     if dtype == "float16" and not np.isfinite(acts).all():
-                        raise ValueError("activations overflow float16: lower magnitude or use dtype=float32")
+                        raise ConfigError("activations overflow float16: lower magnitude or use dtype=float32")
                     sink.write({"__key__": f"{j:09d}", "acts.npy": acts})
                     count += rows
                     if bar is not None:

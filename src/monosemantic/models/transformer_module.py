@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torchmetrics import MeanMetric
 
+from monosemantic.errors import InputError, MissingInputError
+from monosemantic.models import guards
 from monosemantic.models.components.transformer import Transformer
 from monosemantic.utils.io import atomic_dir
 
@@ -64,8 +66,13 @@ class TransformerModule(L.LightningModule):
         logits_BTV = self.net(window_BT1[:, :-1])
         return F.cross_entropy(logits_BTV.flatten(0, 1).float(), window_BT1[:, 1:].flatten())
 
+    def stream_batches(self) -> int:
+        """The index of the training batch being trained on (for the non-finite loss error)."""
+        return int(self.trainer.global_step) * int(self.trainer.accumulate_grad_batches)
+
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)
+        guards.nonfinite_loss(self, loss, "stop")  # a NaN/inf loss stops the run, naming the step and checkpoint
         self.train_loss(loss)
         self.log("train/loss", self.train_loss, on_step=True, on_epoch=False, prog_bar=True)
         return loss
@@ -128,11 +135,11 @@ def load_transformer(path: str | Path, device: str | torch.device = "cpu") -> tu
     cfg_path, weights = path / "config.json", path / "model.safetensors"
     for p in (cfg_path, weights):
         if not p.is_file():
-            raise FileNotFoundError(f"{p} is missing: {path} is not an exported transformer "
+            raise MissingInputError(f"{p} is missing: {path} is not an exported transformer "
                                     "(run `python src/train.py experiment=transformer_1l`)")
     config = json.loads(cfg_path.read_text())
     if config.get("format") != EXPORT_FORMAT or config.get("version") != EXPORT_VERSION:
-        raise ValueError(f"{cfg_path}: format {config.get('format')!r} v{config.get('version')} is not "
+        raise InputError(f"{cfg_path}: format {config.get('format')!r} v{config.get('version')} is not "
                          f"{EXPORT_FORMAT!r} v{EXPORT_VERSION}")
     net = Transformer(**config["model"])
     missing, unexpected = net.load_state_dict(load_file(str(weights), device="cpu"), strict=False)
@@ -140,6 +147,6 @@ def load_transformer(path: str | Path, device: str | torch.device = "cpu") -> tu
     if missing or unexpected:
         what = "; ".join(s for s in (f"missing tensor(s) {missing}" if missing else "",
                                      f"unexpected tensor(s) {unexpected}" if unexpected else "") if s)
-        raise ValueError(f"{weights}: {what} for the model described in {cfg_path}")
+        raise InputError(f"{weights}: {what} for the model described in {cfg_path}")
     net.requires_grad_(False)
     return net.eval().to(device), config

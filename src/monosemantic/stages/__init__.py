@@ -10,6 +10,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from monosemantic.errors import ConfigError, MissingInputError
 from monosemantic.utils.hydra_utils import finish_wandb
 
 TRAINING_STAGES = {"transformer": "monosemantic.stages.transformer", "sae": "monosemantic.stages.sae"}
@@ -20,9 +21,9 @@ def run_training(cfg: DictConfig) -> dict:
     multirun job or an upstream stage built inside this run never writes into another's run."""
     stage = cfg.get("stage")
     if stage not in TRAINING_STAGES:
-        raise ValueError(f"stage={stage!r} is not one of {sorted(TRAINING_STAGES)} (set by the experiment config)")
+        raise ConfigError(f"stage={stage!r} is not one of {sorted(TRAINING_STAGES)} (set by the experiment config)")
     if cfg.get("ckpt_path") == "last" and not (Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt").is_file():
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"ckpt_path=last: {cfg.paths.output_dir}/checkpoints/last.ckpt does not exist. Each run gets a new "
             "directory: resume in the old one with hydra.run.dir=logs/<task>/runs/<stamp> ckpt_path=last")
     try:

@@ -26,6 +26,7 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from monosemantic.utils.checkpoint_io import AtomicCheckpointIO
 from monosemantic.utils.hydra_utils import instantiate_callbacks, instantiate_loggers
 
 log = logging.getLogger(__name__)
@@ -102,10 +103,13 @@ def compose_stage(config_name: str, overrides: list[str], parent: DictConfig, ou
 
 def build_trainer(cfg: DictConfig, extra_callbacks: list | None = None,
                   loggers: list | None = None) -> tuple[L.Trainer, list]:
-    """The run's trainer with its callbacks and loggers (``loggers``: these instead of ``cfg.logger``'s)."""
+    """The run's trainer with its callbacks and loggers (``loggers``: these instead of ``cfg.logger``'s).
+    Checkpoints are written by :class:`~monosemantic.utils.checkpoint_io.AtomicCheckpointIO` (whole or absent,
+    whenever a kill comes) unless ``trainer.plugins`` names other plugins."""
     callbacks = instantiate_callbacks(cfg.get("callbacks")) + (extra_callbacks or [])
     loggers = instantiate_loggers(cfg.get("logger")) if loggers is None else loggers
-    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    extra = {} if cfg.trainer.get("plugins") else {"plugins": [AtomicCheckpointIO()]}
+    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **extra)
     return trainer, loggers
 
 

@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from monosemantic.data.activation_datamodule import ActivationDataModule
 from monosemantic.data.onthefly import RECORDED, SOURCE_PREFIX, OnTheFlyDataModule, source_model_dir
+from monosemantic.errors import ConfigError, MissingInputError
 from monosemantic.evaluation import evaluate, lr_absent_reason, no_windows_reason, splice_transformer
 from monosemantic.export import load_sae
 from monosemantic.models.components.sae import SparseAutoencoder, build_sae
@@ -38,14 +39,14 @@ def load_any(path: Path) -> tuple[SparseAutoencoder, float, dict]:
         return sae, 1.0, {"shards": meta.get("dataset_path"), "val_shards": meta.get("val_shards"),
                           "lr_windows": meta.get("final_eval_lr_windows"), "on_the_fly": meta.get("on_the_fly")}
     if not path.is_file():
-        raise FileNotFoundError(f"ckpt_path={path} is neither a checkpoint file nor an export folder")
+        raise MissingInputError(f"ckpt_path={path} is neither a checkpoint file nor an export folder")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
     except Exception as e:  # torch raises RuntimeError/UnpicklingError/EOFError for foreign files
-        raise ValueError(f"{path} cannot be read as a Lightning checkpoint: {e}") from e
+        raise ConfigError(f"{path} cannot be read as a Lightning checkpoint: {e}") from e
     state = ckpt.get("state_dict", {})
     if "sae.W_enc" not in state:
-        raise ValueError(f"{path} is not an SAE checkpoint (no sae.W_enc in its state_dict)")
+        raise ConfigError(f"{path} is not an SAE checkpoint (no sae.W_enc in its state_dict)")
     d_in, d_sae = state["sae.W_enc"].shape
     hp = ckpt.get("hyper_parameters") or {}
     sae = build_sae(int(d_in), int(d_sae), hp.get("architecture", "standard"), k=hp.get("k"),
@@ -79,7 +80,7 @@ def run(cfg: DictConfig) -> dict:
         log.info("loss recovered on %d held-out windows (%s)", lr_windows,
                  "lr_windows=" if cfg.lr_windows is not None else "as the training run's final evaluation")
     if not shards:
-        raise ValueError(f"{path} records no shard set: pass shards=<dir>")
+        raise ConfigError(f"{path} records no shard set: pass shards=<dir>")
     if source_model_dir(shards) and not cfg.shards:  # trained on the fly: the same held-out documents again
         if not recorded["on_the_fly"]:
             log.warning("%s records no on-the-fly settings: the held-out activations use the defaults "

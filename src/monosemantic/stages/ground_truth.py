@@ -22,6 +22,7 @@ from monosemantic.data.synthetic import (
     random_directions,
     write_synthetic_shards,
 )
+from monosemantic.errors import ConfigError, OutputExistsError
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +35,11 @@ def settings(cfg: DictConfig) -> dict:
     out["magnitude"] = [float(v) for v in cfg.magnitude]
     for key in ("n_features", "d_in", "group_size", "n_tokens", "seed"):
         if not isinstance(out[key], int) or isinstance(out[key], bool) or out[key] < (0 if key == "seed" else 1):
-            raise ValueError(f"{key}={out[key]!r}: expected a positive integer")
+            raise ConfigError(f"{key}={out[key]!r}: expected a positive integer")
     if len(out["magnitude"]) != 2:
-        raise ValueError(f"magnitude={out['magnitude']}: expected [lo, hi]")
+        raise ConfigError(f"magnitude={out['magnitude']}: expected [lo, hi]")
     if out["dtype"] not in ("float16", "float32"):
-        raise ValueError(f"dtype={out['dtype']!r}: expected float16 or float32")
+        raise ConfigError(f"dtype={out['dtype']!r}: expected float16 or float32")
     return out
 
 
@@ -61,10 +62,10 @@ def run(cfg: DictConfig) -> dict:
             print(f"ground truth: {out} (reused)\ntrain on it: python src/train.py experiment=sae_4096 "
                   f"data.shards={out}")
             return {"out_dir": str(out), "reused": True}
-        raise FileExistsError(f"{out} holds a shard set written with other settings ({recorded}); pass another "
+        raise OutputExistsError(f"{out} holds a shard set written with other settings ({recorded}); pass another "
                               "out_dir= or remove it")
     if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} exists and is not a ground-truth set written by this command: pass another "
+        raise OutputExistsError(f"{out} exists and is not a ground-truth set written by this command: pass another "
                               "out_dir=")
     directions_KM = random_directions(s["n_features"], s["d_in"], seed=s["seed"])
     p_K = feature_probabilities(s["n_features"], float(s["l0"]), float(s["density_exponent"]))

@@ -15,6 +15,7 @@ from monosemantic.data.onthefly import source_model_dir
 from monosemantic.data.shards.format import read_manifest
 from monosemantic.data.token_store import load_split, read_meta
 from monosemantic.data.tokenizer import load_tokenizer
+from monosemantic.errors import ConfigError, MissingInputError
 from monosemantic.export import folded_weights
 from monosemantic.models.components.sae import SparseAutoencoder, sae_from_inference
 from monosemantic.models.components.transformer import Transformer
@@ -47,7 +48,7 @@ def latest_export(log_dir: str | Path) -> Path:
                                "*/multiruns/*/*/export/cfg.json")  # the last: the layout before v0.4's
              for p in root.glob(pattern)]
     if not found:
-        raise FileNotFoundError(f"ckpt_path=latest: no SAE export under {log_dir} (none of "
+        raise MissingInputError(f"ckpt_path=latest: no SAE export under {log_dir} (none of "
                                 "<task>/runs/<stamp>/export/cfg.json): run `make train`, or pass ckpt_path=<export "
                                 "folder or .ckpt>")
     return max(found, key=lambda p: p.stat().st_mtime).parent
@@ -74,27 +75,27 @@ def load_inputs(ckpt_path: str, log_dir: str | Path, shards: str | None = None, 
     elif shards and Path(shards, "manifest.json").is_file():
         manifest = read_manifest(shards)
     elif not (transformer and token_store):
-        raise FileNotFoundError(f"{path} records the shard set {shards!r}, which has no manifest.json: pass "
+        raise MissingInputError(f"{path} records the shard set {shards!r}, which has no manifest.json: pass "
                                 "shards=<dir>, or transformer=<export dir> and token_store=<dir>")
     transformer = transformer or (manifest.get("model") or {}).get("checkpoint")
     if not transformer:
-        raise ValueError(f"shard set {shards} names no transformer (manifest 'model.checkpoint'): pass "
+        raise ConfigError(f"shard set {shards} names no transformer (manifest 'model.checkpoint'): pass "
                          "transformer=<export dir>")
     transformer_dir = Path(transformer)
     net, net_cfg = load_transformer(transformer_dir, device)
     if net.cfg.d_mlp != sae.d_in:
-        raise ValueError(f"the SAE {path} reads {sae.d_in} inputs but the transformer {transformer_dir} has "
+        raise ConfigError(f"the SAE {path} reads {sae.d_in} inputs but the transformer {transformer_dir} has "
                          f"d_mlp={net.cfg.d_mlp}: pass the transformer it was trained on (transformer=)")
     store = Path(token_store or manifest.get("token_store") or net_cfg.get("token_store") or "")
     if not str(store) or not (store / "meta.json").is_file():
         where = "token_store=" if token_store else "the shard manifest or the transformer's config"
-        raise FileNotFoundError(f"token store {str(store)!r} (from {where}) has no meta.json: pass token_store=<dir>")
+        raise MissingInputError(f"token store {str(store)!r} (from {where}) has no meta.json: pass token_store=<dir>")
     tok_file = transformer_dir / (net_cfg.get("tokenizer") or "tokenizer.json")
     if not tok_file.is_file():
         tok_file = store / "tokenizer.json"
     tokenizer = load_tokenizer(tok_file)
     if tokenizer.get_vocab_size() != net.cfg.vocab_size:
-        raise ValueError(f"tokenizer {tok_file} has {tokenizer.get_vocab_size()} tokens but the transformer "
+        raise ConfigError(f"tokenizer {tok_file} has {tokenizer.get_vocab_size()} tokens but the transformer "
                          f"{transformer_dir} has vocab_size={net.cfg.vocab_size}")
     return ReadingInputs(raw_space_sae(sae, scale).to(device), path, net, transformer_dir, tokenizer, store)
 
@@ -118,6 +119,6 @@ def read_text(store: Path, n_tokens: int, window_len: int) -> tuple[np.ndarray, 
         counts[split] = take
         need -= take
     if not toks:
-        raise ValueError(f"{n_tokens} tokens asked for, fewer than one window of {window_len} (n_ctx): ask for "
+        raise ConfigError(f"{n_tokens} tokens asked for, fewer than one window of {window_len} (n_ctx): ask for "
                          f"more, or the token store {store} is too small")
     return np.concatenate(toks), np.concatenate(nexts), counts

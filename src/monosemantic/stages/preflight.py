@@ -36,14 +36,16 @@ from monosemantic.data.shards.format import read_manifest
 from monosemantic.data.shards.writer import SampleBatch
 from monosemantic.data.token_store import is_complete, read_meta, store_dir_for
 from monosemantic.data.tokenizer import TokenizerConfig
+from monosemantic.errors import UserError
 from monosemantic.stages import artifacts
 from monosemantic.stages.compose import cache_config, transformer_config
+from monosemantic.utils.validate import check_node, check_targets
 
 log = logging.getLogger(__name__)
 GB = 1e9
 
 
-class PreflightError(RuntimeError):
+class PreflightError(UserError, RuntimeError):
     """The config asks for more than the corpus, disk or settings can give; the message has the numbers."""
 
 
@@ -300,9 +302,22 @@ def on_the_fly(cfg: DictConfig) -> bool:
     return str(cfg.data.get("_target_", "")).endswith("OnTheFlyDataModule")
 
 
+def validate(cfg: DictConfig, kind: str) -> None:
+    """Types and sizes (:mod:`monosemantic.utils.validate`), whatever ``preflight.enabled`` says: every
+    ``_target_`` node against what it builds, the scale's cache block and a cache run's settings against
+    :class:`CacheSettings`. Raises :class:`~monosemantic.errors.ConfigError` naming the key."""
+    check_targets(cfg)
+    if OmegaConf.select(cfg, "scale.cache") is not None:
+        check_node(cfg.scale.cache, CacheSettings, "scale.cache")
+    if kind == "cache":
+        check_node(cfg.settings, CacheSettings, "settings")
+
+
 def check(cfg: DictConfig, kind: str) -> Report:
-    """Run the checks for a ``kind`` of run ("transformer", "cache", "sae"), log the table, and raise
-    :class:`PreflightError` if any fails. ``preflight.enabled=false`` skips them (with a warning)."""
+    """Validate the config (:func:`validate`); run the checks for a ``kind`` of run ("transformer", "cache",
+    "sae"), log the table, and raise :class:`PreflightError` if any fails. ``preflight.enabled=false`` skips
+    the checks (with a warning), not the validation."""
+    validate(cfg, kind)
     pf = _settings(cfg)
     report = Report()
     if not pf["enabled"]:

@@ -22,7 +22,14 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from monosemantic.data.synthetic import load_directions
-from monosemantic.evaluation import evaluate, lr_absent_reason, no_windows_reason, splice_transformer
+from monosemantic.errors import ConfigError
+from monosemantic.evaluation import (
+    evaluate,
+    lr_absent_reason,
+    no_windows_reason,
+    splice_transformer,
+    too_small_warnings,
+)
 from monosemantic.export import export_sae
 from monosemantic.metrics import density_summary, ground_truth_recovery
 from monosemantic.models.sae_sweep import SAESweepModule
@@ -54,7 +61,7 @@ def bounded_objective(final: dict, spec: DictConfig | dict | None) -> float | No
         return None
     key, max_l0 = spec.get("fidelity", "loss_recovered"), float(spec["max_l0"])
     if key not in final:
-        raise KeyError(f"objective.fidelity={key!r} was not measured by this run (measured: "
+        raise ConfigError(f"objective.fidelity={key!r} was not measured by this run (measured: "
                        f"{sorted(k for k, v in final.items() if isinstance(v, float))}); "
                        f"{final.get('loss_recovered_skipped', '')}")
     return float(final[key]) - max(0.0, float(final["l0"]) / max_l0 - 1.0)
@@ -71,7 +78,7 @@ def member_configs(cfg: DictConfig) -> list[tuple[str, DictConfig]]:
     keys, values = list(grid), []
     for key in keys:
         if OmegaConf.select(cfg.model, key, default=_MISSING) is _MISSING:
-            raise KeyError(f"saes.grid.{key}: model.{key} is not a key of the SAE config ({cfg.model._target_})")
+            raise ConfigError(f"saes.grid.{key}: model.{key} is not a key of the SAE config ({cfg.model._target_})")
         vals = grid[key]
         values.append(list(vals) if isinstance(vals, ListConfig | list | tuple) else [vals])
     out = []
@@ -82,7 +89,7 @@ def member_configs(cfg: DictConfig) -> list[tuple[str, DictConfig]]:
         out.append((",".join(f"{key.split('.')[-1]}={value:g}" if isinstance(value, float)
                              else f"{key.split('.')[-1]}={value}" for key, value in zip(keys, point)), member))
     if len({name for name, _ in out}) != len(out):
-        raise ValueError(f"saes.grid {dict(grid)} names two SAEs alike: give each grid key a distinct last part")
+        raise ConfigError(f"saes.grid {dict(grid)} names two SAEs alike: give each grid key a distinct last part")
     return out
 
 
@@ -150,7 +157,7 @@ def run(cfg: DictConfig) -> dict:
             log.warning("loss recovered is not measured %s: %s", when, reason)
     spec = cfg.get("objective")
     if spec and spec.get("fidelity", "loss_recovered") == "loss_recovered" and lr_skip:
-        raise ValueError(f"objective.fidelity=loss_recovered cannot be measured ({lr_skip}): set "
+        raise ConfigError(f"objective.fidelity=loss_recovered cannot be measured ({lr_skip}): set "
                          "objective.fidelity=explained_variance, or train on shards with a transformer behind them")
     mean_acts = None
     if cfg.model.ablation == "mean":
@@ -288,6 +295,11 @@ def finish_sae(cfg: DictConfig, model_cfg: DictConfig, model, dm, trainer: L.Tra
     objective = bounded_objective(final, cfg.get("objective"))
     if objective is not None:
         final["objective"] = objective
+    small = too_small_warnings(final, int(cfg.get("eval_min_tokens", 65_536)),
+                               int(cfg.get("eval_min_lr_tokens", 8_192)))
+    for w in small:
+        log.warning("final evaluation%s: %s", f" of {name}" if name else "", w)
+    final["eval_warnings"] = small
     write_json_atomic(out / "metrics.json", final)
     print_summary(final, ledger, timings, export_dir, out / "metrics.json", title=f"SAE {name}" if name else "SAE")
     return final

@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
+from monosemantic.errors import ConfigError
 from monosemantic.models.components.hooks import pin_features
 from monosemantic.stages.inputs import load_inputs, read_text
 from monosemantic.steering import generate, scan_features
@@ -29,7 +30,7 @@ def _value(spec, max_act: float, scale: float = 1.0) -> float | None:
     try:
         return float(spec)
     except (TypeError, ValueError):
-        raise ValueError(f"value={spec!r} is not 'max', 'ablate' or a number") from None
+        raise ConfigError(f"value={spec!r} is not 'max', 'ablate' or a number") from None
 
 
 def edit_start(prompt_len: int, window_start: int, steer_prompt: bool) -> int:
@@ -47,21 +48,21 @@ def run(cfg: DictConfig) -> dict:
     if cfg.token is not None:
         ids = tok.encode(str(cfg.token)).ids
         if len(ids) != 1:
-            raise ValueError(f"token={cfg.token!r} encodes to {len(ids)} tokens {ids}; choose features by a single "
+            raise ConfigError(f"token={cfg.token!r} encodes to {len(ids)} tokens {ids}; choose features by a single "
                              "token (mind the leading space)")
         token_id = ids[0]
     if not isinstance(cfg.features, Sequence) or isinstance(cfg.features, str):
-        raise ValueError(f"features={cfg.features!r} must be a list of feature indices, e.g. features=[12]")
+        raise ConfigError(f"features={cfg.features!r} must be a list of feature indices, e.g. features=[12]")
     if not cfg.features and token_id is None:
-        raise ValueError("choose features: features=[<index>, ...] or token=<a token they fire on>")
+        raise ConfigError("choose features: features=[<index>, ...] or token=<a token they fire on>")
     features = [int(i) for i in cfg.features]
     for i in features:
         if not 0 <= i < sae.d_sae:
-            raise ValueError(f"features: {i} is not a feature index (the SAE has {sae.d_sae})")
+            raise ConfigError(f"features: {i} is not a feature index (the SAE has {sae.d_sae})")
     if len(set(features)) != len(features):
-        raise ValueError(f"features={features} repeats an index (each would add its edit again)")
+        raise ConfigError(f"features={features} repeats an index (each would add its edit again)")
     if float(cfg.temperature) < 0:
-        raise ValueError(f"temperature={cfg.temperature} must be ≥ 0 (0: greedy)")
+        raise ConfigError(f"temperature={cfg.temperature} must be ≥ 0 (0: greedy)")
     _value(cfg.value, 1.0)  # a bad value= fails before the scan
     text, _, by_split = read_text(inp.token_store, int(cfg.scan_tokens), inp.n_ctx)
     log.info("scanning %s tokens (%s) for the features' maximum activations", f"{len(text):,}",
@@ -69,7 +70,7 @@ def run(cfg: DictConfig) -> dict:
     max_F, score_F = scan_features(net, sae, text, token_id)
     if token_id is not None:
         if float(score_F.max()) <= 0:
-            raise ValueError(f"token={cfg.token!r}: no feature fires on it in the {len(text):,} scanned tokens "
+            raise ConfigError(f"token={cfg.token!r}: no feature fires on it in the {len(text):,} scanned tokens "
                              "(raise scan_tokens=, or choose features=[...])")
         best = score_F.topk(int(cfg.n_features)).indices.tolist()
         log.info("features most specific to %r: %s", cfg.token,

@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -17,6 +18,8 @@ import hydra
 from lightning import Callback
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
+
+from monosemantic.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -106,18 +109,18 @@ def _instantiate_group(group: DictConfig | None, kind: str, base: type,
         log.warning("no %s configured", kind)
         return out
     if not isinstance(group, DictConfig):
-        raise TypeError(f"{kind} config must be a mapping of name -> config, got {type(group).__name__}")
+        raise ConfigError(f"{kind} config must be a mapping of name -> config, got {type(group).__name__}")
     for name, conf in group.items():
         if conf is None:  # disabled with `callbacks.name=null`
             continue
         if not isinstance(conf, DictConfig) or "_target_" not in conf:
-            raise ValueError(f"{kind} entry {name!r} has no _target_; every {kind} entry must name a class "
+            raise ConfigError(f"{kind} entry {name!r} has no _target_; every {kind} entry must name a class "
                              f"(or be set to null to disable it)")
         if keep is not None and not keep(conf):
             continue
         obj = hydra.utils.instantiate(conf)
         if not isinstance(obj, base):
-            raise TypeError(f"{kind} entry {name!r} ({conf._target_}) is not a {base.__name__}")
+            raise ConfigError(f"{kind} entry {name!r} ({conf._target_}) is not a {base.__name__}")
         out.append(obj)
     return out
 
@@ -157,16 +160,30 @@ def finish_wandb() -> None:
         wandb.finish()
 
 
+def _log_to_files(level: int, msg: str, exc_info: bool) -> None:
+    """A record for the run's log files only: the console gets the error once, from the entry point."""
+    record = log.makeRecord(log.name, level, __file__, 0, msg, None, sys.exc_info() if exc_info else None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
 def task_wrapper(fn: Callable[[DictConfig], dict]) -> Callable[[DictConfig], dict]:
-    """Run a task; log the failure with its output dir, always close W&B, log the wall time."""
+    """Run a task; record a failure in the run's log file with its output dir, always close W&B, log the wall
+    time. The failure itself reaches the console once, from Hydra: bad input (:class:`UserError`) as its
+    message alone, anything else with its traceback (``HYDRA_FULL_ERROR=1``: every error with it)."""
 
     @wraps(fn)
     def wrapped(cfg: DictConfig) -> dict:
         start = time.time()
         try:
             return fn(cfg)
+        except UserError as e:
+            _log_to_files(logging.ERROR, f"{e}\n(outputs so far in {cfg.paths.get('output_dir')})", exc_info=False)
+            raise
         except Exception:
-            log.exception("task failed; outputs so far in %s", cfg.paths.get("output_dir"))
+            _log_to_files(logging.ERROR, f"task failed; outputs so far in {cfg.paths.get('output_dir')}",
+                          exc_info=True)
             raise
         finally:
             finish_wandb()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -11,6 +12,42 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from monosemantic.errors import DiskFullError
+
+
+def current_umask() -> int:
+    """The process's umask (Linux reports it in /proc; elsewhere it is read by setting it and back)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def usual_mode(directory: bool = False) -> int:
+    """The mode ``open``/``mkdir`` would give a new file or folder: 0o666 (0o777) less the umask. ``tempfile``
+    creates 0o600 files and 0o700 folders; renamed into place they would keep that, and other users of a shared
+    machine could not read the results."""
+    return (0o777 if directory else 0o666) & ~current_umask()
+
+
+def raise_if_disk_full(e: BaseException, what: str, where: str | Path) -> None:
+    """Turn ``ENOSPC`` (or a quota's ``EDQUOT``) while writing ``what`` into one clear
+    :class:`~monosemantic.errors.DiskFullError`; any other error is left to the caller to re-raise."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        try:
+            free = f"{shutil.disk_usage(Path(where).parent).free / 1e9:.2f} GB free there now"
+        except OSError:
+            free = "free space unknown"
+        raise DiskFullError(f"no space left on the device while writing {what} ({where}; {free}). Nothing "
+                            "already there was replaced: the previous version is intact. Free space, or write "
+                            "elsewhere (paths.output_dir / paths.data_dir), then run again (a training run "
+                            "resumes with ckpt_path=last).") from e
+
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:
     """Write ``obj`` as JSON to a temporary file in the same folder, then ``os.replace`` it into place."""
@@ -18,14 +55,16 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, usual_mode())
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=2)
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        raise_if_disk_full(e, path.name, path)
         raise
 
 
@@ -61,8 +100,10 @@ def atomic_dir(dst: str | Path) -> Iterator[Path]:
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
     try:
+        tmp.chmod(usual_mode(directory=True))
         yield tmp
         replace_dir(tmp, dst)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise_if_disk_full(e, f"the folder {dst.name}", dst)
         raise

@@ -16,13 +16,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from monosemantic.errors import UserError
+
 FORMAT = "monosemantic.activations"
 VERSION = 1
 KNOWN_VERSIONS = (1,)
 DTYPES = ("float16", "float32")
 
 
-class ShardSetError(ValueError):
+class ShardSetError(UserError, ValueError):
     """A shard set that does not follow the contract; the message names the directory or shard."""
 
 
@@ -34,6 +36,9 @@ def read_manifest(shards_dir: str | Path, d_in: int | None = None) -> dict:
     """Read and check a shard set's manifest; raise :class:`ShardSetError` naming what is wrong."""
     shards_dir = Path(shards_dir)
     path = shards_dir / "manifest.json"
+    if shards_dir.is_file():
+        raise ShardSetError(f"shard set {shards_dir} is a file; a shard set is the folder that holds manifest.json "
+                            f"and the shards: pass {shards_dir.parent}")
     if not shards_dir.is_dir():
         raise ShardSetError(f"shard set {shards_dir} does not exist")
     if not path.is_file():

@@ -120,10 +120,10 @@ class TarShardWriter:
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
         self.direct = direct and pagecache.HAS_O_DIRECT
         try:
-            self._fd = os.open(path, flags | (os.O_DIRECT if self.direct else 0), 0o644)
+            self._fd = os.open(path, flags | (os.O_DIRECT if self.direct else 0), 0o666)
         except OSError:  # e.g. a filesystem without O_DIRECT
             self.direct = False
-            self._fd = os.open(path, flags, 0o644)
+            self._fd = os.open(path, flags, 0o666)
         self._offset, self._failed = 0, False
 
     def _buffered(self) -> None:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import torch
 
+from monosemantic.errors import ConfigError
 from monosemantic.models.components.sae import SparseAutoencoder
 from monosemantic.models.components.transformer import HookFn
 
@@ -71,9 +72,9 @@ def pin_features(sae: SparseAutoencoder, indices: list[int], values: list[float 
     """
     idx = torch.as_tensor(indices, dtype=torch.long)
     if idx.numel() == 0:
-        raise ValueError("pin_features needs at least one feature index")
+        raise ConfigError("pin_features needs at least one feature index")
     if int(idx.min()) < 0 or int(idx.max()) >= sae.d_sae:
-        raise ValueError(f"feature indices {indices} out of range for an SAE with {sae.d_sae} features")
+        raise ConfigError(f"feature indices {indices} out of range for an SAE with {sae.d_sae} features")
     target_K = torch.tensor([0.0 if v is None else float(v) for v in values])
 
     def fn(acts_BTM: torch.Tensor) -> torch.Tensor:

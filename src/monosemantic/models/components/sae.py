@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from monosemantic.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -76,9 +78,9 @@ class SparseAutoencoder(nn.Module):
         """
         super().__init__()
         if d_in <= 0 or d_sae <= 0:
-            raise ValueError(f"d_in and d_sae must be positive, got d_in={d_in}, d_sae={d_sae}")
+            raise ConfigError(f"d_in and d_sae must be positive, got d_in={d_in}, d_sae={d_sae}")
         if decoder_init_norm is not None and not decoder_init_norm > 0:
-            raise ValueError(f"decoder_init_norm must be positive, got {decoder_init_norm}")
+            raise ConfigError(f"decoder_init_norm must be positive, got {decoder_init_norm}")
         self.tied_init = tied_init
         self.pre_encoder_bias = bool(pre_encoder_bias)
         self.unit_decoder = bool(normalize_decoder)
@@ -297,10 +299,10 @@ class TopKSAE(SparseAutoencoder):
 
     def __init__(self, d_in: int, d_sae: int, k: int | None = None, **kw: Any) -> None:
         if kw.get("normalize_decoder") is False:
-            raise ValueError("model.normalize_decoder=false is not supported for topk SAEs: the export folds the "
+            raise ConfigError("model.normalize_decoder=false is not supported for topk SAEs: the export folds the "
                              "rows' norms into the encoder, which would change which k features win")
         if not (isinstance(k, int) and 0 < k <= d_sae):
-            raise ValueError(f"model.k must be an integer in [1, d_sae={d_sae}] for a {self.architecture} SAE, "
+            raise ConfigError(f"model.k must be an integer in [1, d_sae={d_sae}] for a {self.architecture} SAE, "
                              f"got {k!r}")
         super().__init__(d_in, d_sae, **kw)
         self.k = k
@@ -430,7 +432,7 @@ class JumpReLUSAE(SparseAutoencoder):
     def __init__(self, d_in: int, d_sae: int, bandwidth: float = 0.05, init_threshold: float = 0.01,
                  **kw: Any) -> None:
         if not (bandwidth > 0 and init_threshold > 0):
-            raise ValueError(f"model.jumprelu_bandwidth and model.jumprelu_init_threshold must be positive, got "
+            raise ConfigError(f"model.jumprelu_bandwidth and model.jumprelu_init_threshold must be positive, got "
                              f"{bandwidth}, {init_threshold}")
         self.bandwidth, self.init_threshold = float(bandwidth), float(init_threshold)
         super().__init__(d_in, d_sae, **kw)
@@ -483,14 +485,14 @@ def build_sae(d_in: int, d_sae: int, architecture: str = "standard", **kw: Any) 
     """The SAE class ``architecture`` names, with the arguments that class takes (others are dropped only
     when None, so a setting meant for another architecture is an error, not silently ignored)."""
     if architecture not in ARCHITECTURES:
-        raise ValueError(f"model.architecture={architecture!r}: expected one of {sorted(ARCHITECTURES)}")
+        raise ConfigError(f"model.architecture={architecture!r}: expected one of {sorted(ARCHITECTURES)}")
     cls = ARCHITECTURES[architecture]
     kw = {k: v for k, v in kw.items() if v is not None}
     accepted = {n for c in cls.__mro__ if c is not nn.Module and "__init__" in vars(c)
                 for n in inspect.signature(c.__init__).parameters}
     foreign = sorted(set(kw) - accepted)
     if foreign:
-        raise ValueError(f"{', '.join(foreign)}: not a setting of a {architecture} SAE (model.architecture="
+        raise ConfigError(f"{', '.join(foreign)}: not a setting of a {architecture} SAE (model.architecture="
                          f"{architecture}); set it to null or choose the architecture it belongs to")
     return cls(d_in, d_sae, **kw)
 

@@ -22,6 +22,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from monosemantic.errors import ConfigError
+
 
 class SparseFeatures(NamedTuple):
     """The active features of a batch, row-major: ``vals[k]`` is feature ``cols[k]`` of input ``rows[k]``."""
@@ -84,7 +86,7 @@ def sparse_forward(sae, x_BM: torch.Tensor) -> SparseOutput:
     input; BatchTopK: the k·B largest of the batch); each active feature's value is its pre-activation, so
     the same backward serves them all. ``sae.sparse_ok`` is False where it cannot (JumpReLU's threshold)."""
     if not sae.sparse_ok:
-        raise ValueError(f"the sparse step cannot train a {sae.architecture} SAE: set model.sparse_step=false")
+        raise ConfigError(f"the sparse step cannot train a {sae.architecture} SAE: set model.sparse_step=false")
     use_bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
     use_bf16 = use_bf16 or (x_BM.is_cuda and torch.is_autocast_enabled("cuda")
                             and torch.get_autocast_dtype("cuda") == torch.bfloat16)

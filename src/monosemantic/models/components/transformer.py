@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from monosemantic.errors import ConfigError
+
 HookFn = Callable[[torch.Tensor], torch.Tensor | None]
 
 MLP_HOOK = "blocks.0.mlp.hook_post"
@@ -148,7 +150,7 @@ class Transformer(nn.Module):
         """Logits ``[B, T, vocab]`` for int tokens ``[B, T]`` (T ≤ n_ctx)."""
         T = tokens_BT.shape[1]
         if T > self.cfg.n_ctx:
-            raise ValueError(f"sequence length {T} exceeds n_ctx={self.cfg.n_ctx}")
+            raise ConfigError(f"sequence length {T} exceeds n_ctx={self.cfg.n_ctx}")
         pos_T = torch.arange(T, device=tokens_BT.device)
         x_BTD = self.embed(tokens_BT) + self.pos_embed(pos_T)
         for block in self.blocks:
