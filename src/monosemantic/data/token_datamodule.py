@@ -11,11 +11,13 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from monosemantic.data.corpus import CorpusConfig
 from monosemantic.data.token_store import build_token_store, load_split, read_meta
 from monosemantic.data.tokenizer import TokenizerConfig, load_tokenizer
+from monosemantic.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +41,7 @@ class SlidingWindows(Dataset):
 
     def __init__(self, tokens: np.ndarray, n_ctx: int) -> None:
         if len(tokens) < n_ctx + 1:
-            raise ValueError(f"{len(tokens)} tokens cannot hold one window of n_ctx={n_ctx}")
+            raise InputError(f"{len(tokens)} tokens cannot hold one window of n_ctx={n_ctx}")
         self.tokens, self.n_ctx = tokens, n_ctx
 
     def __len__(self) -> int:
@@ -53,7 +55,7 @@ def random_starts(n_tokens: int, n_ctx: int, n_windows: int, seed: int, epoch: i
     """``n_windows`` random window starts, a pure function of (seed, epoch): epoch 0 draws from ``seed``
     alone (the draw every run made before windows were refreshed per epoch), later epochs from both."""
     if n_tokens < n_ctx + 1:
-        raise ValueError(f"{n_tokens} tokens cannot hold one window of n_ctx={n_ctx}")
+        raise InputError(f"{n_tokens} tokens cannot hold one window of n_ctx={n_ctx}")
     rng = np.random.default_rng(seed if epoch == 0 else [seed, epoch])
     return rng.integers(0, n_tokens - n_ctx, size=n_windows)
 
@@ -69,6 +71,7 @@ class RandomWindowSampler(Sampler[int]):
                  epoch_fn: Callable[[], int] | None = None) -> None:
         self.n_tokens, self.n_ctx, self.n_windows, self.seed = n_tokens, n_ctx, n_windows, seed
         self.epoch_fn, self.epoch = epoch_fn, 0
+        self.skip_next = 0  # starts to leave out of the next epoch's draw (a resume inside that epoch)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -78,13 +81,18 @@ class RandomWindowSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         epoch = self.epoch_fn() if self.epoch_fn is not None else self.epoch
-        return iter(random_starts(self.n_tokens, self.n_ctx, self.n_windows, self.seed, epoch).tolist())
+        skip, self.skip_next = self.skip_next, 0
+        return iter(random_starts(self.n_tokens, self.n_ctx, self.n_windows, self.seed, epoch)[skip:].tolist())
 
 
 def tiled_starts(n_tokens: int, n_ctx: int, max_windows: int | None = None) -> np.ndarray:
     """Non-overlapping windows (stride n_ctx + 1), in order: a fixed held-out set."""
     starts = np.arange(0, n_tokens - n_ctx, n_ctx + 1)
     return starts if max_windows is None else starts[:max_windows]
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
 class TokenDataModule(L.LightningDataModule):
@@ -104,6 +112,8 @@ class TokenDataModule(L.LightningDataModule):
             store_dir: use this existing token store instead of building one from corpus + tokenizer.
         """
         super().__init__()
+        # plain containers: a checkpoint's hyper-parameters then load with torch.load(weights_only=True)
+        corpus, tokenizer = _plain(corpus), _plain(tokenizer)
         self.save_hyperparameters(logger=False)
         self.corpus_cfg = CorpusConfig(**(corpus or {}))
         self.tok_cfg = TokenizerConfig(**(tokenizer or {}))
@@ -144,7 +154,7 @@ class TokenDataModule(L.LightningDataModule):
         self.train_sampler = RandomWindowSampler(len(train), n_ctx, n_train, seed, epoch_fn=self._current_epoch)
         self.val_set = TokenWindows(val, tiled_starts(len(val), n_ctx, self.hparams.val_windows), n_ctx)
         if len(self.val_set) == 0:
-            raise ValueError(f"{self.store_dir}/val.bin has too few tokens for one window of n_ctx={n_ctx}")
+            raise InputError(f"{self.store_dir}/val.bin has too few tokens for one window of n_ctx={n_ctx}")
 
     def _current_epoch(self) -> int:
         trainer = getattr(self, "trainer", None)
@@ -159,6 +169,35 @@ class TokenDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, self.train_sampler)
+
+    def _batches_per_epoch(self, trainer) -> int:
+        per_rank = -(-len(self.train_sampler) // int(trainer.world_size))  # DistributedSampler pads to equal
+        return max(1, -(-per_rank // self.hparams.batch_size))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in checkpoints: the batches trained on (optimizer steps × accumulation). A resume inside an
+        epoch leaves the windows of that epoch already trained on out of its draw, so a killed run resumed with
+        ``ckpt_path=last`` trains on exactly the windows the uninterrupted one does (Lightning itself would
+        restart the epoch's loader from its first batch)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return {}
+        return {"train_batches": int(trainer.global_step) * int(trainer.accumulate_grad_batches),
+                "batch_size": int(self.hparams.batch_size), "world_size": int(trainer.world_size)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict or self.train_sampler is None:
+            return
+        trainer = self.trainer
+        if (int(state_dict["batch_size"]), int(state_dict["world_size"])) != (self.hparams.batch_size,
+                                                                               int(trainer.world_size)):
+            log.warning("resuming with another batch size or number of ranks than the checkpoint's: the rest of "
+                        "this epoch's windows is drawn again from its start")
+            return
+        done = int(state_dict["train_batches"]) % self._batches_per_epoch(trainer)
+        # every rank's share of the draw is interleaved (rank::world): the first done·B·W starts are the ones
+        # already trained on, by every rank
+        self.train_sampler.skip_next = done * self.hparams.batch_size * int(trainer.world_size)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set)
