@@ -9,7 +9,7 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from monosemantic.stages import dashboard  # noqa: E402
-from monosemantic.utils.hydra_utils import apply_extras, task_wrapper  # noqa: E402
+from monosemantic.utils.hydra_utils import apply_extras, run_main, task_wrapper  # noqa: E402
 
 
 @task_wrapper
@@ -24,4 +24,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, "dashboard", Path(__file__).resolve().parents[1] / "configs")

@@ -12,7 +12,7 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from monosemantic.stages import ground_truth  # noqa: E402
-from monosemantic.utils.hydra_utils import apply_extras, task_wrapper  # noqa: E402
+from monosemantic.utils.hydra_utils import apply_extras, run_main, task_wrapper  # noqa: E402
 
 
 @task_wrapper
@@ -27,4 +27,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, "ground_truth", Path(__file__).resolve().parents[1] / "configs")

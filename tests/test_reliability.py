@@ -84,6 +84,22 @@ runpy.run_path({str(ROOT / "src" / "train.py")!r}, run_name="__main__")
     assert "ZeroDivisionError" in log_file.read_text()  # the log file keeps it, with its traceback
 
 
+def test_a_typo_in_an_experiment_or_a_key_gets_the_closest_names(tmp_path):
+    from monosemantic.utils.hydra_utils import composition_hint
+
+    configs = ROOT / "configs"
+    assert composition_hint(configs, "train", ["experiment=sae_4069"]).startswith(
+        "experiment=sae_4069: did you mean experiment=sae_4096")
+    assert composition_hint(configs, "train", ["experiment=sae_4096", "model.l1_cof=3"]) == (
+        "model.l1_cof: no such key; did you mean model.l1_coeff? (+model.l1_cof=... adds a new key)")
+    assert composition_hint(configs, "train", ["trainr.max_steps=3"]).startswith("trainr: no such key; did you "
+                                                                                 "mean trainer")
+    assert composition_hint(configs, "train", ["experiment=sae_4096"]) is None  # composes: nothing to say
+    assert composition_hint(configs, "train", ["experiment=zzzz"]) is None  # nothing close: Hydra's list stands
+    out = _cli(["scale=papr"], tmp_path)  # through the entry point: after Hydra's own message
+    assert out.returncode == 1 and out.stderr.rstrip().endswith("scale=papr: did you mean scale=paper?")
+
+
 def test_every_project_error_is_a_message_and_keeps_its_builtin():
     for cls, builtin in ((ConfigError, ValueError), (InputError, ValueError), (ShardSetError, ValueError),
                          (NonFiniteError, FloatingPointError)):
@@ -309,6 +325,16 @@ def test_a_checkpoint_of_another_sae_is_refused_naming_both(tiny_shards, tmp_pat
              d_sae=48)
 
 
+def test_a_shard_set_of_another_width_than_the_resumed_sae_is_refused():
+    module = SAEModule(d_sae=32, l1_coeff=0.01, optimizer=functools.partial(torch.optim.Adam, lr=1e-3), d_in=64)
+    saved = {"hyper_parameters": {**module.hparams, "d_in": 128}, "state_dict": module.state_dict()}
+    with pytest.raises(InputError, match=r"holds another SAE \(d_in=128 there, 64 in this run\)"):
+        module.on_load_checkpoint(saved)
+    saved = {"hyper_parameters": {**module.hparams, "architecture": "topk", "k": 4}}
+    with pytest.raises(InputError, match=r"architecture='topk' there, 'standard' in this run; k=4 there, None"):
+        module.on_load_checkpoint(saved)
+
+
 def test_a_checkpoint_from_before_a_buffer_existed_still_resumes(tiny_shards, tmp_path):
     _fit(tiny_shards, tmp_path / "a", bad=99, max_steps=2)
     ckpt = torch.load(tmp_path / "a" / "last.ckpt", weights_only=True)
@@ -395,3 +421,30 @@ def test_a_corpus_file_that_is_not_text_is_named(tmp_path):
     (docs / "b.txt").write_bytes(Path(os.__file__).read_text()[:500].replace("e", "é").encode("latin-1"))
     with pytest.raises(CorpusError, match=r"b.txt is not UTF-8 text: byte \d+ \(b'\\xe9'\)"):
         Corpus(CorpusConfig(kind="files", data_files=str(docs / "*.txt")), tmp_path)
+
+
+# -- a token store the transformer was not trained on -----------------------------------------------------
+def test_a_token_store_of_another_tokenizer_is_refused(transformer_export, tmp_path):
+    """Same vocabulary size, other tokens (a tokenizer trained on other text), or another size: caching, the
+    on-the-fly source and the reading commands all refuse the pair before a forward, naming both."""
+    from monosemantic.data.corpus import CorpusConfig
+    from monosemantic.data.onthefly import OnTheFlyDataModule
+    from monosemantic.data.token_store import build_token_store
+    from monosemantic.data.tokenizer import TokenizerConfig
+
+    for vocab, msg in ((512, "was tokenized with .*another tokenizer than the transformer's"),
+                       (300, "has vocab_size=300 but the transformer .* has vocab_size=512")):
+        store = build_token_store(CorpusConfig(kind="python_stdlib", max_bytes=120_000),
+                                  TokenizerConfig(kind="bpe", vocab_size=vocab), tmp_path / f"data{vocab}",
+                                  val_fraction=0.1)
+        model = tmp_path / f"model{vocab}"
+        shutil.copytree(transformer_export, model)
+        config = json.loads((model / "config.json").read_text())
+        config["token_store"] = str(store)
+        (model / "config.json").write_text(json.dumps(config))
+        with pytest.raises(InputError, match=msg):
+            write_activation_cache(model, tmp_path / f"cache{vocab}", TINY, progress=False)
+        assert not list((tmp_path / f"cache{vocab}").glob("shard-*"))
+        with pytest.raises(InputError, match=msg):
+            OnTheFlyDataModule(model_dir=str(model), n_contexts=16, tokens_per_context=8, contexts_per_block=8,
+                               batch_size=32, buffer_tokens=64, lr_windows=0, device="cpu").setup()

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from monosemantic.data.contexts import block_positions, context_starts
 from monosemantic.data.shards.format import FORMAT, VERSION, decode_context, row_norms, scale_from_norms, shard_name
 from monosemantic.data.shards.writer import SampleBatch, TarShardWriter, aligned_zeros
-from monosemantic.data.token_store import load_split
+from monosemantic.data.token_store import check_store_matches_model, load_split
 from monosemantic.errors import ConfigError, InputError, NonFiniteError
 from monosemantic.models.components.transformer import MLP_HOOK
 from monosemantic.models.transformer_module import load_transformer
@@ -182,6 +182,8 @@ def write_activation_cache(model_dir: str | Path, out_dir: str | Path, settings:
         log.info("activation cache complete, nothing to do: %s", out_dir)
         return out_dir
     net, mcfg = load_transformer(model_dir, device)
+    check_store_matches_model(mcfg["token_store"], net.cfg.vocab_size,
+                              model_dir / mcfg["tokenizer"] if mcfg.get("tokenizer") else None, model_dir)
     n_ctx = int(mcfg["model"]["n_ctx"])
     tokens = np.asarray(load_split(mcfg["token_store"], settings.split))  # a plain view of the memmap
     window = np.arange(n_ctx)

@@ -32,7 +32,7 @@ from monosemantic.data.shards.format import norm_scale
 from monosemantic.data.shards.reader import SkippedShards
 from monosemantic.data.stream_datamodule import StreamDataModule
 from monosemantic.data.token_datamodule import TokenWindows, tiled_starts
-from monosemantic.data.token_store import load_split
+from monosemantic.data.token_store import check_store_matches_model, load_split
 from monosemantic.errors import ConfigError, InputError
 from monosemantic.models.components.transformer import MLP_HOOK
 from monosemantic.models.transformer_module import load_transformer
@@ -164,6 +164,9 @@ class OnTheFlyDataModule(StreamDataModule):
         store = self.hparams.token_store or mcfg.get("token_store")
         if not store:
             raise InputError(f"{self.hparams.model_dir}/config.json names no token store; set data.token_store")
+        model_dir = Path(self.hparams.model_dir)
+        check_store_matches_model(store, self.net.cfg.vocab_size,
+                                  model_dir / mcfg["tokenizer"] if mcfg.get("tokenizer") else None, model_dir)
         k = int(self.hparams.tokens_per_context)
         if not 0 < k <= n_ctx:
             raise ConfigError(f"data.tokens_per_context={k} must be in [1, n_ctx={n_ctx}]")

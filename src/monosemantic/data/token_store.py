@@ -50,6 +50,24 @@ def read_meta(store_dir: str | Path) -> dict:
     return meta
 
 
+def check_store_matches_model(store_dir: str | Path, vocab_size: int, tokenizer_file: str | Path | None,
+                              model_dir: str | Path) -> None:
+    """Refuse a token store tokenized otherwise than the transformer at ``model_dir`` was trained: another
+    vocabulary size (its ids would index another embedding, or past its end), or, when both have one, another
+    tokenizer file (same size, other tokens). Raises :class:`~monosemantic.errors.InputError` naming both."""
+    meta = read_meta(store_dir)
+    fix = "pass the token store the transformer was trained on (its config.json names it: token_store)"
+    if int(meta["vocab_size"]) != int(vocab_size):
+        raise InputError(f"token store {store_dir} has vocab_size={meta['vocab_size']} but the transformer "
+                         f"{model_dir} has vocab_size={vocab_size}: {fix}")
+    store_tok = Path(store_dir) / meta.get("tokenizer", "tokenizer.json")
+    if tokenizer_file is None or not Path(tokenizer_file).is_file() or not store_tok.is_file():
+        return
+    if hashlib.sha256(Path(tokenizer_file).read_bytes()).digest() != hashlib.sha256(store_tok.read_bytes()).digest():
+        raise InputError(f"token store {store_dir} was tokenized with {store_tok}, another tokenizer than the "
+                         f"transformer's {tokenizer_file} (same vocabulary size, other tokens): {fix}")
+
+
 def load_split(store_dir: str | Path, split: str) -> np.ndarray:
     meta = read_meta(store_dir)
     arr = np.memmap(Path(store_dir) / f"{split}.bin", dtype=np.dtype(meta["dtype"]), mode="r")

@@ -13,7 +13,7 @@ from tokenizers import Tokenizer
 
 from monosemantic.data.onthefly import source_model_dir
 from monosemantic.data.shards.format import read_manifest
-from monosemantic.data.token_store import load_split, read_meta
+from monosemantic.data.token_store import check_store_matches_model, load_split, read_meta
 from monosemantic.data.tokenizer import load_tokenizer
 from monosemantic.errors import ConfigError, MissingInputError
 from monosemantic.export import folded_weights
@@ -91,6 +91,7 @@ def load_inputs(ckpt_path: str, log_dir: str | Path, shards: str | None = None, 
         where = "token_store=" if token_store else "the shard manifest or the transformer's config"
         raise MissingInputError(f"token store {str(store)!r} (from {where}) has no meta.json: pass token_store=<dir>")
     tok_file = transformer_dir / (net_cfg.get("tokenizer") or "tokenizer.json")
+    check_store_matches_model(store, net.cfg.vocab_size, tok_file, transformer_dir)
     if not tok_file.is_file():
         tok_file = store / "tokenizer.json"
     tokenizer = load_tokenizer(tok_file)

@@ -175,6 +175,8 @@ def task_wrapper(fn: Callable[[DictConfig], dict]) -> Callable[[DictConfig], dic
 
     @wraps(fn)
     def wrapped(cfg: DictConfig) -> dict:
+        global _STARTED
+        _STARTED = True
         start = time.time()
         try:
             return fn(cfg)
@@ -224,3 +226,72 @@ def metric_value(metrics: dict, name: str | None) -> float | None:
         return None
     value = metrics[name]
     return float(value.item() if hasattr(value, "item") else value)
+
+
+# -- command lines Hydra refuses -------------------------------------------------------------------------
+_STARTED = False  # set once a task function runs: from then on a failure is the task's, not the command line's
+
+
+def _close(word: str, options: list[str]) -> list[str]:
+    import difflib
+
+    return difflib.get_close_matches(word, options, n=3, cutoff=0.6)
+
+
+def composition_hint(config_dir: str | Path, config_name: str, overrides: list[str]) -> str | None:
+    """Why ``overrides`` do not compose ``config_name``, with the closest valid names: a config group option
+    (``experiment=sae_409`` → ``sae_4096``) or a key (``model.d_saee`` → ``model.d_sae``). None when they compose,
+    or when nothing close is known (Hydra's own message then stands alone)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import ConfigCompositionException, MissingConfigException
+
+    def attempt(ovs: list[str]):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base="1.3"):
+            return compose(config_name, overrides=ovs)
+
+    try:
+        attempt(overrides)
+        return None
+    except MissingConfigException as e:
+        missing = str(getattr(e, "missing_cfg_file", "") or "")
+        group, _, name = missing.rpartition("/")
+        close = _close(name, list(getattr(e, "options", None) or []))
+        return f"{group}={name}: did you mean {' or '.join(f'{group}={c}' for c in close)}?" if close else None
+    except ConfigCompositionException as e:
+        full_key = str(getattr(e.__cause__, "full_key", "") or "")
+        if not full_key:
+            return None
+        bad = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") == full_key
+               or o.split("=", 1)[0].lstrip("+~").startswith(full_key + ".")]
+        try:
+            cfg = attempt([o for o in overrides if o not in bad])
+        except Exception:
+            return None
+        parent, _, last = full_key.rpartition(".")
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        if not isinstance(node, DictConfig):
+            return None
+        close = _close(last, [str(k) for k in node.keys()])
+        if not close:
+            return None
+        prefix = f"{parent}." if parent else ""
+        return (f"{full_key}: no such key; did you mean {' or '.join(prefix + c for c in close)}? "
+                f"(+{full_key}=... adds a new key)")
+    except Exception:
+        return None
+
+
+def run_main(main: Callable[[], Any], config_name: str, config_dir: str | Path) -> None:
+    """Run a ``@hydra.main`` entry point. When Hydra refuses the command line itself (an experiment or a key
+    that does not exist), print the closest valid names after its message."""
+    try:
+        main()
+    except SystemExit as e:
+        if e.code not in (0, None) and not _STARTED:
+            args = [a for a in sys.argv[1:] if not a.startswith("-")]
+            hint = composition_hint(config_dir, config_name, args)
+            if hint:
+                sys.stderr.write(hint + "\n")
+        raise
