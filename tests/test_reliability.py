@@ -448,3 +448,25 @@ def test_a_token_store_of_another_tokenizer_is_refused(transformer_export, tmp_p
         with pytest.raises(InputError, match=msg):
             OnTheFlyDataModule(model_dir=str(model), n_contexts=16, tokens_per_context=8, contexts_per_block=8,
                                batch_size=32, buffer_tokens=64, lr_windows=0, device="cpu").setup()
+
+
+def test_a_full_disk_while_caching_names_it_and_keeps_the_complete_shards(transformer_export, tmp_path, monkeypatch):
+    import monosemantic.data.shards.writer as sw
+
+    real_write, calls = os.write, []
+
+    def write(fd, data):
+        calls.append(len(data))
+        if len(calls) > 3:  # the first shard (and part of the next) fit, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(sw.os, "write", write)
+    out = tmp_path / "cache"
+    with pytest.raises(DiskFullError, match=r"while writing shard set cache .*GB free there now.*previous version"):
+        write_activation_cache(transformer_export, out, TINY, progress=False, max_pending=1)
+    complete = sorted(p.name for p in out.glob("shard-*.tar"))
+    assert complete and not list(out.glob("*.tar.tmp")) and not (out / "manifest.json").exists()
+    monkeypatch.undo()
+    write_activation_cache(transformer_export, out, TINY, progress=False)  # resumes after them
+    assert len(read_manifest(out)["shards"]) == 6

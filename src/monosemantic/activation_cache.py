@@ -17,6 +17,7 @@ bound by the host's write speed (1 KB per float16 activation).
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import json
@@ -41,7 +42,7 @@ from monosemantic.errors import ConfigError, InputError, NonFiniteError
 from monosemantic.models.components.transformer import MLP_HOOK
 from monosemantic.models.transformer_module import load_transformer
 from monosemantic.utils.hydra_utils import config_key
-from monosemantic.utils.io import write_json_atomic
+from monosemantic.utils.io import raise_if_disk_full, write_json_atomic
 
 log = logging.getLogger(__name__)
 IDENTITY_FILE = "cache_identity.json"  # model + settings of the set in this directory
@@ -222,52 +223,59 @@ def write_activation_cache(model_dir: str | Path, out_dir: str | Path, settings:
     # of an 8.6 MB batch costs ~0.25 ms of CPU). At most ``max_pending`` jobs are queued, so at most that
     # many ring buffers are in use.
     pending: deque[Future] = deque()
-    with ThreadPoolExecutor(1, thread_name_prefix="shard-writer") as writer:
-        try:
-            for i in todo:
-                lo, hi = i * cps, min((i + 1) * cps, settings.n_contexts)
-                tmp = out_dir / (shard_name(i) + ".tmp")
-                sink = TarShardWriter(tmp, direct=direct_io)
-                sinks.append(sink)
-                pos_NK = shard_positions(i, hi - lo, n_ctx, k, settings.seed)
-                for b in range(lo, hi, settings.batch_size):
-                    idx = np.arange(b, min(b + settings.batch_size, hi))
-                    n = len(idx)
-                    ctx_BT = tokens[starts[idx, None] + window].astype(np.int64)
-                    acts_BTM = net.mlp_acts(torch.from_numpy(ctx_BT).to(device))
-                    pos_BK = pos_NK[b - lo : b - lo + n]
-                    picked_BKM = acts_BTM if k == n_ctx else gather_positions(acts_BTM, torch.from_numpy(pos_BK))
-                    if picked_BKM.device.type != "cpu":
-                        picked_BKM = picked_BKM.to(torch_dtype)  # convert on the device: half the bytes to copy
-                    while len(pending) >= max_pending:  # frees the buffer this batch is about to fill
-                        pending.popleft().result()  # re-raises a writer error, before its shard is renamed
-                    slot = n_batches % max_pending
-                    batch, n_batches = ring[slot], n_batches + 1
-                    ring_acts[slot][:n].copy_(picked_BKM)  # float16 (or 32) straight into the tar stream
-                    # NaN from the model, or |x| > 65,504 cast to float16 (inf): stop before it is written.
-                    # Checked where the data is (on a GPU there, before the host copy is used; on the CPU the
-                    # cast buffer): one pass over a batch, small beside the forward.
-                    written = picked_BKM if picked_BKM.device.type != "cpu" else ring_acts[slot][:n]
-                    if not bool(torch.isfinite(written).all()):
-                        raise _nonfinite_activations(picked_BKM, settings.dtype, i, idx, starts, out_dir)
-                    del acts_BTM, picked_BKM  # freed before the next forward allocates its own
-                    batch.arrays["context"][:n] = ctx_BT
-                    batch.arrays["positions"][:n] = pos_BK
-                    batch.arrays["tokens"][:n] = np.take_along_axis(ctx_BT, pos_BK, axis=1)
-                    batch.set_keys(idx)
-                    if i == 0:
-                        norms0.append(row_norms(ring_acts[slot][:n].reshape(n * k, -1)))
-                    pending.append(writer.submit(_write_batch, sink, batch, n))
-                    fwd_tokens += ctx_BT.size
-                    bar.update(ctx_BT.size)
-                pending.append(writer.submit(_finish_shard, sink, out_dir / shard_name(i)))
-            while pending:
-                pending.popleft().result()
-        finally:  # on an error: wait for the writer, close what is open (the .tmp files are redone next run)
-            for job in pending:
-                job.exception()
-            for sink in sinks:
-                sink.abandon()
+    try:
+        with ThreadPoolExecutor(1, thread_name_prefix="shard-writer") as writer:
+            try:
+                for i in todo:
+                    lo, hi = i * cps, min((i + 1) * cps, settings.n_contexts)
+                    tmp = out_dir / (shard_name(i) + ".tmp")
+                    sink = TarShardWriter(tmp, direct=direct_io)
+                    sinks.append(sink)
+                    pos_NK = shard_positions(i, hi - lo, n_ctx, k, settings.seed)
+                    for b in range(lo, hi, settings.batch_size):
+                        idx = np.arange(b, min(b + settings.batch_size, hi))
+                        n = len(idx)
+                        ctx_BT = tokens[starts[idx, None] + window].astype(np.int64)
+                        acts_BTM = net.mlp_acts(torch.from_numpy(ctx_BT).to(device))
+                        pos_BK = pos_NK[b - lo : b - lo + n]
+                        picked_BKM = acts_BTM if k == n_ctx else gather_positions(acts_BTM, torch.from_numpy(pos_BK))
+                        if picked_BKM.device.type != "cpu":
+                            picked_BKM = picked_BKM.to(torch_dtype)  # convert on the device: half the bytes to copy
+                        while len(pending) >= max_pending:  # frees the buffer this batch is about to fill
+                            pending.popleft().result()  # re-raises a writer error, before its shard is renamed
+                        slot = n_batches % max_pending
+                        batch, n_batches = ring[slot], n_batches + 1
+                        ring_acts[slot][:n].copy_(picked_BKM)  # float16 (or 32) straight into the tar stream
+                        # NaN from the model, or |x| > 65,504 cast to float16 (inf): stop before it is written.
+                        # Checked where the data is (on a GPU there, before the host copy is used; on the CPU the
+                        # cast buffer): one pass over a batch, small beside the forward.
+                        written = picked_BKM if picked_BKM.device.type != "cpu" else ring_acts[slot][:n]
+                        if not bool(torch.isfinite(written).all()):
+                            raise _nonfinite_activations(picked_BKM, settings.dtype, i, idx, starts, out_dir)
+                        del acts_BTM, picked_BKM  # freed before the next forward allocates its own
+                        batch.arrays["context"][:n] = ctx_BT
+                        batch.arrays["positions"][:n] = pos_BK
+                        batch.arrays["tokens"][:n] = np.take_along_axis(ctx_BT, pos_BK, axis=1)
+                        batch.set_keys(idx)
+                        if i == 0:
+                            norms0.append(row_norms(ring_acts[slot][:n].reshape(n * k, -1)))
+                        pending.append(writer.submit(_write_batch, sink, batch, n))
+                        fwd_tokens += ctx_BT.size
+                        bar.update(ctx_BT.size)
+                    pending.append(writer.submit(_finish_shard, sink, out_dir / shard_name(i)))
+                while pending:
+                    pending.popleft().result()
+            finally:  # on an error: wait for the writer, close what is open (the .tmp files are redone next run)
+                for job in pending:
+                    job.exception()
+                for sink in sinks:
+                    sink.abandon()
+    except OSError as e:  # a full disk: one clear message; the complete shards stay, the partial ones go
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            for partial in out_dir.glob("*.tar.tmp"):  # redone by the next run anyway: free their space now
+                partial.unlink(missing_ok=True)
+        raise_if_disk_full(e, f"shard set {out_dir.name}", out_dir)
+        raise
     bar.close()
     elapsed = time.time() - start_time
     if fwd_tokens:

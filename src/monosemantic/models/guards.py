@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from monosemantic.errors import ConfigError, NonFiniteError
 
@@ -60,24 +61,38 @@ def batch_source(trainer, stream_batch: int) -> str:
         return f"training batch {stream_batch} (its source could not be worked out: {e})"
 
 
-def nonfinite_loss(module, loss: torch.Tensor, action: str, what: str = "loss") -> bool:
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether ``t`` is finite on every rank: under DDP one scalar all-reduce, so every rank takes the same
+    branch (a rank that stopped or skipped alone would leave the others waiting in a collective)."""
+    ok = torch.isfinite(t.detach()).all()
+    if dist.is_available() and dist.is_initialized():
+        ok = ok.to(torch.int32)
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok)
+
+
+def nonfinite_loss(module, loss: torch.Tensor, action: str, what: str = "loss", finite: bool | None = None) -> bool:
     """True when ``loss`` is finite. Otherwise, under ``action="stop"``, raise naming the step, the batch and the
     last checkpoint; under ``"skip"``, count the batch in ``module.nonfinite_skipped`` and return False (the
     caller returns None: Lightning then skips the backward and the optimizer step). ``module`` has the buffer
-    ``nonfinite_skipped`` and the method ``stream_batches()``."""
-    if bool(torch.isfinite(loss.detach()).all()):
+    ``nonfinite_skipped`` and the method ``stream_batches()``. ``finite``: :func:`all_finite` of ``loss``, when
+    the caller has it already (it is a collective under DDP: every rank calls it once per loss)."""
+    if finite is None:
+        finite = all_finite(loss)
+    if finite:
         return True
+    value = float(loss.detach().float().sum())
+    shown = f"{value}" if not torch.isfinite(torch.tensor(value)) else f"{value} here (non-finite on another rank)"
     trainer = module.trainer
     stream_batch = module.stream_batches()
     where = batch_source(trainer, stream_batch)
     if action == "skip":
         module.nonfinite_skipped += 1
         log.warning("step %d: %s is %s on %s; batch skipped (%d so far, model.nonfinite=skip)",
-                    module.global_step, what, float(loss.detach().float().sum()), where,
-                    int(module.nonfinite_skipped))
+                    module.global_step, what, shown, where, int(module.nonfinite_skipped))
         return False
     raise NonFiniteError(
-        f"step {module.global_step}: the {what} is {float(loss.detach().float().sum())} on {where}. The run stopped "
+        f"step {module.global_step}: the {what} is {shown} on {where}. The run stopped "
         f"before training on it; last checkpoint: {last_checkpoint(trainer)}. Look at that batch (NaN or huge "
         "activations?), lower the learning rate, or set model.nonfinite=skip to drop such batches and count them.")
 

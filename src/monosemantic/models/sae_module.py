@@ -143,6 +143,7 @@ class SAEModule(L.LightningModule):
         self._lr_warned = False
         self._dense_warned = False
         self._target_warned = False
+        self._loss_finite = True  # the last train_loss: finite on every rank
 
     # -- data-dependent setup -------------------------------------------------------------------------
     def attach_data(self, norm_scale: float, transformer: torch.nn.Module | None,
@@ -222,7 +223,8 @@ class SAEModule(L.LightningModule):
         aux = self.aux_k_loss(x_BM, x_hat)
         if aux is not None:
             loss = loss + aux
-        if not bool(torch.isfinite(loss.detach())):  # a bad batch: the counters and λ are left as they were
+        self._loss_finite = guards.all_finite(loss)  # on every rank alike (one scalar all-reduce under DDP)
+        if not self._loss_finite:  # a bad batch: the counters and λ are left as they were, on every rank
             return loss, {}
         with torch.no_grad():
             l0 = float(fires_F.sum()) / B
@@ -317,7 +319,7 @@ class SAEModule(L.LightningModule):
 
     def training_step(self, x_BM: torch.Tensor, batch_idx: int) -> torch.Tensor | None:
         loss, logs = self.train_loss(x_BM)
-        if not guards.nonfinite_loss(self, loss, self.hparams.nonfinite):
+        if not guards.nonfinite_loss(self, loss, self.hparams.nonfinite, finite=self._loss_finite):
             self.log("train/nonfinite_skipped", self.nonfinite_skipped.float(), on_step=True, on_epoch=False)
             return None
         self.log_dict(logs, on_step=True, on_epoch=False, prog_bar=False)

@@ -95,7 +95,8 @@ class SAESweepModule(L.LightningModule):
         log_now = (self.global_step + 1) % every == 0
         for i, m in enumerate(self.members):
             loss, logs = m.train_loss(x_BM)
-            if not guards.nonfinite_loss(self, loss, self.nonfinite, what=f"loss of {self.names[i]}"):
+            if not guards.nonfinite_loss(self, loss, self.nonfinite, what=f"loss of {self.names[i]}",
+                                         finite=m._loss_finite):
                 return None  # the whole batch, for every member: they share one optimizer step
             total = total + loss.float()
             if log_now:

@@ -40,7 +40,8 @@ def raise_if_disk_full(e: BaseException, what: str, where: str | Path) -> None:
     :class:`~monosemantic.errors.DiskFullError`; any other error is left to the caller to re-raise."""
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
         try:
-            free = f"{shutil.disk_usage(Path(where).parent).free / 1e9:.2f} GB free there now"
+            folder = Path(where) if Path(where).is_dir() else Path(where).parent
+            free = f"{shutil.disk_usage(folder).free / 1e9:.2f} GB free there now"
         except OSError:
             free = "free space unknown"
         raise DiskFullError(f"no space left on the device while writing {what} ({where}; {free}). Nothing "
