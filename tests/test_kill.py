@@ -48,12 +48,13 @@ def _run(args, run_dir, data_dir) -> None:
 
 def _run_and_kill(args, run_dir, data_dir, marker: Path) -> None:
     """Start the run, wait until it has reached the moment the plugin marks, SIGKILL it."""
-    proc = subprocess.Popen(_command(args, run_dir, data_dir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            cwd=ROOT, env=_env())
+    err = open(run_dir.parent / f"{run_dir.name}.stderr", "wb")  # a file: a full pipe would block the child
+    proc = subprocess.Popen(_command(args, run_dir, data_dir), stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT,
+                            env=_env())
     deadline = time.time() + 600
     while not marker.exists():
         if proc.poll() is not None:
-            raise AssertionError(f"the run ended before the kill: {proc.stderr.read().decode()[-3000:]}")
+            raise AssertionError(f"the run ended before the kill: {Path(err.name).read_text()[-3000:]}")
         if time.time() > deadline:
             proc.kill()
             raise AssertionError("the run never reached the moment of the kill")
@@ -61,6 +62,7 @@ def _run_and_kill(args, run_dir, data_dir, marker: Path) -> None:
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
+    err.close()
 
 
 def _params(ckpt: Path) -> dict[str, torch.Tensor]:

@@ -194,10 +194,14 @@ class TokenDataModule(L.LightningDataModule):
             log.warning("resuming with another batch size or number of ranks than the checkpoint's: the rest of "
                         "this epoch's windows is drawn again from its start")
             return
+        if int(trainer.world_size) > 1:
+            # Lightning's DistributedSamplerWrapper shuffles the draw's positions over len(sampler): a shortened
+            # draw would index past its end, and its first starts are not the ones already trained on
+            log.warning("resuming a multi-rank transformer run inside an epoch: the rest of this epoch's windows "
+                        "is drawn again from its start (the exact skip is single-process only)")
+            return
         done = int(state_dict["train_batches"]) % self._batches_per_epoch(trainer)
-        # every rank's share of the draw is interleaved (rank::world): the first done·B·W starts are the ones
-        # already trained on, by every rank
-        self.train_sampler.skip_next = done * self.hparams.batch_size * int(trainer.world_size)
+        self.train_sampler.skip_next = done * self.hparams.batch_size  # the starts already trained on
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set)
