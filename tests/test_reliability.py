@@ -423,6 +423,26 @@ def test_a_corpus_file_that_is_not_text_is_named(tmp_path):
         Corpus(CorpusConfig(kind="files", data_files=str(docs / "*.txt")), tmp_path)
 
 
+def test_compressed_corpus_files_are_checked_decompressed_or_left_to_datasets(tmp_path):
+    """``datasets`` reads ``.jsonl.gz`` and ``.zst`` itself: the text check looks inside a gzip file (a real
+    one passes, a compressed binary is named) and does not refuse a compressed format it cannot open."""
+    import gzip
+
+    from monosemantic.data.corpus import Corpus, CorpusConfig, CorpusError
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    lines = [json.dumps({"text": line}) for line in Path(os.__file__).read_text().splitlines()[:200]]
+    with gzip.open(docs / "a.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write("\n".join(lines))
+    (docs / "b.jsonl.zst").write_bytes(b"\x28\xb5\x2f\xfd" + bytes(range(256)))  # zstd magic + binary
+    Corpus(CorpusConfig(kind="files", builder="json", data_files=str(docs / "*")), tmp_path)  # fine
+    with gzip.open(docs / "c.jsonl.gz", "wb") as f:
+        f.write(b'{"text": "ok"}\n\0\0')
+    with pytest.raises(CorpusError, match=r"c.jsonl.gz is not text: a NUL byte at offset 15"):
+        Corpus(CorpusConfig(kind="files", builder="json", data_files=str(docs / "*")), tmp_path)
+
+
 # -- a token store the transformer was not trained on -----------------------------------------------------
 def test_a_token_store_of_another_tokenizer_is_refused(transformer_export, tmp_path):
     """Same vocabulary size, other tokens (a tokenizer trained on other text), or another size: caching, the

@@ -19,12 +19,14 @@ stream ``datasets``' own ``state_dict``), so a tokenization that was stopped goe
 
 from __future__ import annotations
 
+import bz2
 import codecs
 import glob
 import gzip
 import hashlib
 import json
 import logging
+import lzma
 import os
 import sysconfig
 from collections.abc import Iterator
@@ -120,13 +122,24 @@ def _materialize(cfg: CorpusConfig, cache_dir: Path) -> tuple[Path, dict]:
     return out, info
 
 
+# Compressed files ``datasets`` decompresses itself: the stdlib ones are checked through their decompressor (offsets
+# are then in the decompressed text), the others are left to ``datasets``.
+_DECOMPRESSORS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+_UNCHECKED_SUFFIXES = (".zst", ".zstd", ".lz4", ".zip", ".tar", ".7z")
+
+
 def check_text_file(path: Path, chunk: int = 1 << 20) -> None:
     """Raise :class:`CorpusError` naming ``path`` and the byte where it stops being UTF-8 text (a NUL byte: a
-    binary file; an invalid sequence: another encoding). One streaming pass, in ``chunk``-byte reads."""
+    binary file; an invalid sequence: another encoding). One streaming pass, in ``chunk``-byte reads; a ``.gz``,
+    ``.bz2`` or ``.xz`` file is checked decompressed, other compressed files are not checked."""
+    suffix = path.suffix.lower()
+    if suffix in _UNCHECKED_SUFFIXES:
+        return
+    opener = _DECOMPRESSORS.get(suffix, open)
     decoder = codecs.getincrementaldecoder("utf-8")()
     offset = 0
     try:
-        with open(path, "rb") as f:
+        with opener(path, "rb") as f:
             while block := f.read(chunk):
                 nul = block.find(b"\0")
                 if nul >= 0:
@@ -143,7 +156,7 @@ def check_text_file(path: Path, chunk: int = 1 << 20) -> None:
             decoder.decode(b"", final=True)
     except UnicodeDecodeError:
         raise CorpusError(f"corpus file {path} is not UTF-8 text: it ends inside a character") from None
-    except OSError as e:
+    except (OSError, EOFError, lzma.LZMAError) as e:
         raise CorpusError(f"corpus file {path} cannot be read: {e}") from e
 
 
