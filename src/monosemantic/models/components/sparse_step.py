@@ -45,16 +45,20 @@ def _row_offsets(rows: torch.Tensor, n_rows: int) -> torch.Tensor:
 
 
 class _SparseEncode(torch.autograd.Function):
-    """The active entries of ``x̄ W_enc + b_enc`` (``select`` picks them); backward only over those entries."""
+    """The active entries of ``x̄ W_enc + b_enc`` (``select(x̄ W_enc, b_enc)`` picks them); backward only over
+    those entries."""
 
     @staticmethod
     def forward(ctx, xc_BM: torch.Tensor, W_enc_MF: torch.Tensor, b_enc_F: torch.Tensor, use_bf16: bool, select):
+        # the bias is added at the active entries only: ``select`` gets the bare product and the bias, and the
+        # standard SAE compares ``x̄W > −b`` (the same test as ``x̄W + b > 0`` in floating point), so no
+        # second [batch, d_sae] tensor (the fp32 copy of a bf16 product, the sum) is made
         if use_bf16:
-            pre_BF = (xc_BM.to(torch.bfloat16) @ W_enc_MF.to(torch.bfloat16)).float() + b_enc_F
+            prod_BF = xc_BM.to(torch.bfloat16) @ W_enc_MF.to(torch.bfloat16)
         else:
-            pre_BF = xc_BM @ W_enc_MF + b_enc_F
-        rows, cols = select(pre_BF)
-        vals = pre_BF[rows, cols]
+            prod_BF = xc_BM @ W_enc_MF
+        rows, cols = select(prod_BF, b_enc_F)
+        vals = prod_BF[rows, cols].float() + b_enc_F[cols]
         offsets = _row_offsets(rows, xc_BM.shape[0])
         ctx.save_for_backward(xc_BM, W_enc_MF, rows, cols, offsets)
         ctx.mark_non_differentiable(rows, cols, offsets)
@@ -93,6 +97,91 @@ def sparse_forward(sae, x_BM: torch.Tensor) -> SparseOutput:
     x_BM = x_BM.float()
     with torch.autocast(x_BM.device.type, enabled=False):
         rows, cols, vals, offsets = _SparseEncode.apply(sae.encoder_input(x_BM), sae.W_enc, sae.b_enc, use_bf16,
-                                                       sae.select)
+                                                       sae.select_biased)
         x_hat_BM = F.embedding_bag(cols, sae.W_dec, offsets, mode="sum", per_sample_weights=vals) + sae.b_dec
     return SparseOutput(x_hat_BM, SparseFeatures(rows, cols, vals, offsets))
+
+
+class StepCosts(NamedTuple):
+    """Seconds of one loss forward + backward on ``rows`` inputs: the dense path, and the sparse path at the
+    L0 densities (fractions of ``d_sae``) measured. What the two paths share (the optimizer step, decoder
+    hygiene) is not timed: it does not move the crossover."""
+
+    dense_s: float
+    sparse_s: tuple[tuple[float, float], ...]  # (density, seconds)
+    rows: int
+
+    def crossover(self) -> float:
+        """The L0 density below which the sparse path is the cheaper one, in [0, 1]: a least-squares line
+        ``a + b·density`` through the sparse timings meets the dense one. A single timing (a TopK SAE, whose
+        density is fixed) gives 1 if the sparse path was faster there, else 0."""
+        if len(self.sparse_s) == 1:
+            return 1.0 if self.sparse_s[0][1] < self.dense_s else 0.0
+        rho = torch.tensor([d for d, _ in self.sparse_s], dtype=torch.float64)
+        sec = torch.tensor([s for _, s in self.sparse_s], dtype=torch.float64)
+        b = float(((rho - rho.mean()) * (sec - sec.mean())).sum() / ((rho - rho.mean()) ** 2).sum())
+        a = float(sec.mean()) - b * float(rho.mean())
+        if b <= 0:  # timing noise swamped the slope: the level alone decides
+            return 1.0 if float(sec.mean()) < self.dense_s else 0.0
+        return min(1.0, max(0.0, (self.dense_s - a) / b))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_step_costs(sae, x_BM: torch.Tensor, densities: tuple[float, ...] = (0.005, 0.03, 0.1),
+                       rows: int | None = None, repeats: int = 2) -> StepCosts:
+    """Time the dense and the sparse loss forward + backward of a copy of ``sae`` on (the first ``rows`` of) a
+    real batch, under the caller's autocast, so the path is chosen by what it costs on this machine, at this
+    size and precision, rather than by a fixed density. A ReLU SAE is timed at each of ``densities`` (its
+    encoder bias shifted so that fraction of the pre-activations is positive); a TopK SAE at its own k.
+    The fastest of ``repeats`` timings counts, after one untimed warm-up of each. ``rows`` (None: 2²³/d_sae
+    within [128, 1024]) keeps the measurement to a few dense steps' worth of work at any dictionary size."""
+    import copy
+    import time
+
+    if rows is None:
+        rows = max(128, min(1024, 2**23 // sae.d_sae))
+    x_BM = x_BM[:rows].detach().float()
+    probe = copy.deepcopy(sae)
+    for p in probe.parameters():
+        p.requires_grad_(True)
+        p.grad = None
+    device = x_BM.device
+
+    def timed(step) -> float:
+        best = float("inf")
+        for i in range(repeats + 1):
+            _sync(device)
+            t0 = time.perf_counter()
+            step().backward()
+            _sync(device)
+            if i:
+                best = min(best, time.perf_counter() - t0)
+            for p in probe.parameters():
+                p.grad = None
+        return best
+
+    def dense_loss() -> torch.Tensor:
+        x_hat, feats, pre = probe.forward_train(x_BM)
+        return F.mse_loss(x_hat.float(), x_BM) + probe.penalty(pre, feats).mean()
+
+    def sparse_loss() -> torch.Tensor:
+        out = sparse_forward(probe, x_BM)
+        return F.mse_loss(out.x_hat, x_BM) + probe.sparse_penalty(out.feats.cols, out.feats.vals, x_BM.shape[0])
+
+    with torch.enable_grad():
+        dense_s = timed(dense_loss)
+        if getattr(probe, "k", None) is not None:  # TopK / BatchTopK: the density is k / d_sae
+            return StepCosts(dense_s, ((probe.k / probe.d_sae, timed(sparse_loss)),), x_BM.shape[0])
+        with torch.no_grad():
+            pre = probe.pre_acts(x_BM[:64]).float().flatten()
+            b_enc = probe.b_enc.detach().clone()
+        points = []
+        for rho in densities:
+            with torch.no_grad():
+                probe.b_enc.copy_(b_enc - torch.quantile(pre, 1.0 - rho))
+            points.append((rho, timed(sparse_loss)))
+    return StepCosts(dense_s, tuple(points), x_BM.shape[0])
