@@ -12,11 +12,12 @@ CUDA_INDEX ?=
 EXPERIMENT ?= sae_4096
 ARGS ?=
 
-.PHONY: help install install-dev corpus train train-transformer cache test test-fast lint clean
+.PHONY: help install install-dev corpus train train-transformer cache test test-fast lint clean bench
 
 help:
 	@echo "make train   install into $(VENV), fetch the corpus, run experiment=$(EXPERIMENT)"
 	@echo "make test    install the dev extra and run the test suite"
+	@echo "make bench   one table of SAE training speed and memory on this machine (after make train)"
 	@echo "make lint    ruff + hadolint"
 
 $(VENV)/.torch-$(TORCH):
@@ -62,6 +63,11 @@ cache: install corpus
 
 test: install-dev
 	$(VENV)/bin/pytest -q $(ARGS)
+
+# One table of SAE training speed and memory on this machine (needs `make train`'s demo cache and SAE;
+# ~45 min on 2 CPU cores); writes bench/results/<date>.md. ARGS=--quick: tiny sizes, a few minutes.
+bench: install
+	$(PY) bench/bench_table.py $(ARGS)
 
 test-fast: install-dev
 	$(VENV)/bin/pytest -q -m "not slow" $(ARGS)

@@ -31,7 +31,7 @@ from bench_activations import sae_step
 from monosemantic.data.activation_datamodule import ActivationDataModule
 from monosemantic.data.synthetic import random_directions, write_synthetic_shards
 from monosemantic.models.components.sae import SparseAutoencoder
-from monosemantic.models.components.sparse_step import sparse_forward
+from monosemantic.models.components.sparse_step import measure_step_costs, sparse_forward
 from monosemantic.models.sae_module import SAEModule
 
 TARGET = 0.9
@@ -94,15 +94,19 @@ def hand_tokens_per_s(shards: Path, d_sae: int, batch: int, steps: int, warmup: 
     sae = SparseAutoencoder(dm.d_in, d_sae)
     if init is not None:
         sae.load_state_dict(init)
-    last_l0 = float(d_sae)  # the module's rule: sparse once the previous step's L0 < 5% of d_sae
+    last_l0 = float(d_sae)  # the module's rule: sparse while the previous step's L0 < the measured crossover
     opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
     autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if precision.startswith("bf16")
                 else contextlib.nullcontext())
+    crossover = 0.0
+    if sparse:
+        with autocast:
+            crossover = measure_step_costs(sae, x_NM[:batch]).crossover()
     times = []
     for i in range(steps + warmup):
         with autocast:
             x_BM = x_NM[(i % n) * batch : (i % n + 1) * batch]
-            if sparse and last_l0 < 0.05 * d_sae:
+            if sparse and last_l0 < crossover * d_sae:
                 last_l0 = sparse_sae_step(sae, opt, x_BM, l1)
             else:
                 sae_step(sae, opt, x_BM, l1)
