@@ -203,8 +203,8 @@ def stage_result(run_dir: Path, usage: dict) -> dict:
 def stages(a, work: Path, which: list[tuple[str, list[str]]]) -> dict:
     res = {}
     for name, extra in which:
-        run_dir = work / name
-        usage = run_child(_train_cmd(a, run_dir, extra), work / f"{name}.log")
+        run_dir = work / "".join(c if c.isalnum() else "_" for c in name)  # a Hydra override value: no spaces
+        usage = run_child(_train_cmd(a, run_dir, extra), run_dir.with_suffix(".log"))
         usage.update(json.loads(run_dir.with_suffix(".peak.json").read_text()))
         res[name] = stage_result(run_dir, usage)
         print(f"{name}: {res[name]['tokens_per_s']:,.0f} tok/s, peak RSS {res[name]['peak_rss_mb']:,.0f} MB, "
@@ -412,8 +412,15 @@ def main(argv: list[str] | None = None) -> dict | None:
                    "init": str(a.init) if a.init else None, "quick": a.quick}
         common = ["--shards", str(a.shards), "--batch", str(a.batch), "--steps", str(a.steps), "--l1", str(a.l1),
                   "--d-in", str(a.d_in)] + (["--quick"] if a.quick else [])
+        a.out_dir.mkdir(parents=True, exist_ok=True)
+        stem = "quick" if a.quick else f"{r['date']}"
+
+        def save() -> None:  # after every part: a later failure loses nothing measured
+            (a.out_dir / f"{stem}.json").write_text(json.dumps(r, indent=2))
+
         if "bounds" in parts:
             r["bounds"] = run_part("bounds", [*common, "--sizes", ",".join(map(str, a.sizes))], work)
+            save()
         if "step" in parts:
             r["step"] = []
             for d_sae in a.sizes:
@@ -422,26 +429,33 @@ def main(argv: list[str] | None = None) -> dict | None:
                     if a.init:
                         args += ["--init", str(a.init)]
                     r["step"].append(run_part("step", args, work, f"step-{d_sae}-{kind}"))
+                    save()
         if "stage" in parts:
             which = [("demo stage", [])]
             if a.long:
                 steps = 4 * (60 if a.quick else 1700)
                 which.append(("demo stage ×4", [f"scale.sae.max_steps={steps}"]))
             r["stage"] = stages(a, work, which)
+            save()
         if "reference" in parts:
             ref = stages(a, work, [("shipped", quarter), ("dense_fp32", [*quarter, *REFERENCE])])
             r["reference"] = ref
+            save()
         if "pipeline" in parts:
             args = [*common, "--sizes", str(a.sizes[0]), "--model-dir", str(a.model_dir)]
             r["pipeline"] = run_part("pipeline", args + (["--init", str(a.init)] if a.init else []), work)
-        a.out_dir.mkdir(parents=True, exist_ok=True)
-        stem = "quick" if a.quick else f"{r['date']}"
-        (a.out_dir / f"{stem}.json").write_text(json.dumps(r, indent=2))
+            save()
+        save()
         table = markdown(r)
         (a.out_dir / f"{stem}.md").write_text(table)
         print(table)
         print(f"wrote {a.out_dir / (stem + '.md')} and .json")
         return r
+    except BaseException:
+        keep = a.out_dir / f"failed-{os.getpid()}"
+        shutil.copytree(work, keep, ignore=shutil.ignore_patterns("*.ckpt", "*.safetensors", "*.tar"))
+        print(f"the parts' logs are kept in {keep}", file=sys.stderr)
+        raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
