@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,8 @@ CONFIGS = ROOT / "configs"
 os.environ.setdefault("PROJECT_ROOT", str(ROOT))
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"
+# measured sparse-step crossovers (models/components/sparse_step.py): one file per test session, not ~/.cache
+os.environ["MONOSEMANTIC_STEP_COSTS"] = os.path.join(tempfile.mkdtemp(prefix="step_costs-"), "step_costs.json")
 os.environ["WANDB_MODE"] = "offline"
 os.environ["WANDB_SILENT"] = "true"
 os.environ.pop("WANDB_API_KEY", None)

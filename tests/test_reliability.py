@@ -100,6 +100,15 @@ def test_a_typo_in_an_experiment_or_a_key_gets_the_closest_names(tmp_path):
     assert out.returncode == 1 and out.stderr.rstrip().endswith("scale=papr: did you mean scale=paper?")
 
 
+def test_config_flags_and_their_values_are_not_read_as_overrides():
+    from monosemantic.utils.hydra_utils import _command_line
+
+    assert _command_line(["-cn", "eval", "x=1", "--multirun", "a=2"], "train") == ("eval", ["x=1", "a=2"], False)
+    assert _command_line(["--config-name=eval", "x=1"], "train") == ("eval", ["x=1"], False)
+    assert _command_line(["-cp", "other/configs", "x=1"], "train") == ("train", ["x=1"], True)  # no hint there
+    assert _command_line(["--config-dir=extra", "x=1"], "train") == ("train", ["x=1"], True)
+
+
 def test_every_project_error_is_a_message_and_keeps_its_builtin():
     for cls, builtin in ((ConfigError, ValueError), (InputError, ValueError), (ShardSetError, ValueError),
                          (NonFiniteError, FloatingPointError)):
@@ -285,6 +294,38 @@ def test_skipping_counts_the_batch_and_a_resume_starts_after_it(tiny_shards, tmp
     assert int(resumed.nonfinite_skipped) == 1
     for name, p in straight.sae.named_parameters():
         torch.testing.assert_close(resumed.sae.state_dict()[name], p, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_sweep_skipping_a_batch_for_one_sae_leaves_the_others_counters(tiny_shards, tmp_path):
+    """One stream, one optimizer step: a batch whose loss is NaN for the second SAE is skipped for both, and
+    the first SAE's counters (tokens, firing, L0), already moved by its own finite loss, are put back."""
+    from monosemantic.models.sae_sweep import SAESweepModule
+
+    torch.manual_seed(0)
+    members = [SAEModule(d_sae=32, l1_coeff=0.01, optimizer=functools.partial(torch.optim.Adam, lr=1e-3),
+                         d_in=64, b_dec_init="zeros", dead_window_tokens=64, nonfinite="skip") for _ in range(2)]
+    real, calls = members[1].train_loss, []
+
+    def nan_on_batch_1(x):
+        loss, logs = real(x)
+        calls.append(1)
+        if len(calls) == 3:  # the third batch, after the first SAE's own (finite) loss moved its counters
+            loss = loss * float("nan")
+            members[1]._loss_finite = False
+            return loss, {}
+        return loss, logs
+
+    members[1].train_loss = nan_on_batch_1
+    sweep = SAESweepModule(members, ["a", "b"])
+    dm = ActivationDataModule(shards=str(tiny_shards), batch_size=32, buffer_tokens=128, lr_windows=0, seed=3)
+    trainer = L.Trainer(max_steps=5, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, enable_checkpointing=False,
+                        default_root_dir=tmp_path)
+    trainer.fit(sweep, datamodule=dm)
+    assert int(sweep.nonfinite_skipped) == 1
+    # 5 batches drawn, one skipped: 4 counted by the first SAE (5 without the restore)
+    assert int(members[0].tokens_seen) == 4 * 32
+    assert int(members[0].window_tokens) == 4 * 32
 
 
 def test_a_parameter_made_non_finite_stops_the_run(tiny_shards, tmp_path):

@@ -107,6 +107,9 @@ def test_measured_rule_picks_the_sparse_path_whose_gradients_equal_the_dense_one
     crossover = module.sparse_limit(x)
     assert 0.01 < crossover < 1.0, crossover  # 2 CPU cores: 5–14% of d_sae
     assert float(module.sparse_crossover) == crossover and module.sparse_limit(x[:1]) == crossover  # kept
+    # a second run of this shape on this machine reads the measured value back: it chooses alike
+    again = SAEModule(d_sae=4096, l1_coeff=1e-3, d_in=512, optimizer=functools.partial(torch.optim.Adam))
+    assert again.sparse_limit(x) == crossover
     with torch.no_grad():  # shift b_enc so that ~crossover/2 of the pre-activations fire
         pre = module.sae.pre_acts(x[:64]).flatten()
         module.sae.b_enc.sub_(torch.quantile(pre, 1 - crossover / 2))

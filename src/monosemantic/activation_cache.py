@@ -239,6 +239,7 @@ def write_activation_cache(model_dir: str | Path, out_dir: str | Path, settings:
                         acts_BTM = net.mlp_acts(torch.from_numpy(ctx_BT).to(device))
                         pos_BK = pos_NK[b - lo : b - lo + n]
                         picked_BKM = acts_BTM if k == n_ctx else gather_positions(acts_BTM, torch.from_numpy(pos_BK))
+                        raw_BKM = picked_BKM  # before the cast: an overflow is told apart from a broken model
                         if picked_BKM.device.type != "cpu":
                             picked_BKM = picked_BKM.to(torch_dtype)  # convert on the device: half the bytes to copy
                         while len(pending) >= max_pending:  # frees the buffer this batch is about to fill
@@ -251,8 +252,8 @@ def write_activation_cache(model_dir: str | Path, out_dir: str | Path, settings:
                         # cast buffer): one pass over a batch, small beside the forward.
                         written = picked_BKM if picked_BKM.device.type != "cpu" else ring_acts[slot][:n]
                         if not bool(torch.isfinite(written).all()):
-                            raise _nonfinite_activations(picked_BKM, settings.dtype, i, idx, starts, out_dir)
-                        del acts_BTM, picked_BKM  # freed before the next forward allocates its own
+                            raise _nonfinite_activations(raw_BKM, settings.dtype, i, idx, starts, out_dir)
+                        del acts_BTM, picked_BKM, raw_BKM  # freed before the next forward allocates its own
                         batch.arrays["context"][:n] = ctx_BT
                         batch.arrays["positions"][:n] = pos_BK
                         batch.arrays["tokens"][:n] = np.take_along_axis(ctx_BT, pos_BK, axis=1)

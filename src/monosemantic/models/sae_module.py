@@ -39,9 +39,22 @@ from torch import nn
 from monosemantic.errors import ConfigError, InputError
 from monosemantic.models import guards
 from monosemantic.models.components.sae import build_sae, raw_reconstruction
-from monosemantic.models.components.sparse_step import measure_step_costs, sparse_forward
+from monosemantic.models.components.sparse_step import cost_cache_path, crossover_for, sparse_forward
 
 log = logging.getLogger(__name__)
+
+
+def fill_missing_buffers(module: nn.Module, checkpoint: dict[str, Any], where: str | None) -> None:
+    """A buffer the checkpoint lacks (written by an older version) keeps its fresh value, with a warning, so
+    the checkpoint still loads strictly; a missing parameter is left for the strict load to name."""
+    state = checkpoint.get("state_dict")
+    if state is None:
+        return
+    params = {n for n, _ in module.named_parameters()}
+    for name, value in module.state_dict().items():
+        if name not in state and name not in params:
+            log.warning("checkpoint %s has no %s (written by an older version): it starts fresh", where or "", name)
+            state[name] = value.detach().clone()
 
 
 class SAEModule(L.LightningModule):
@@ -138,7 +151,7 @@ class SAEModule(L.LightningModule):
         self.register_buffer("nonfinite_skipped", torch.zeros((), dtype=torch.int64))  # model.nonfinite=skip
         # the last step's L0 picks the dense or sparse path; a buffer, so a resumed run picks as the original
         # did (Adam turns tiny float differences in near-zero gradients into whole-lr steps)
-        self.register_buffer("last_l0", torch.tensor(float(d_sae)))  # start dense: ~half the features fire
+        self.register_buffer("last_l0", torch.tensor(-1.0))  # -1: not yet known; the first batch's L0 stands in
         # the L0 density below which the sparse path is cheaper (sparse_max_density, or measured: -1 until then)
         self.register_buffer("sparse_crossover", torch.tensor(-1.0 if sparse_max_density is None
                                                               else float(sparse_max_density)))
@@ -212,7 +225,7 @@ class SAEModule(L.LightningModule):
         its SAEs on the same batch and logs each into that SAE's own run."""
         B, d_sae, sae = x_BM.shape[0], self.hparams.d_sae, self.sae
         if (self.hparams.sparse_step and sae.sparse_ok
-                and float(self.last_l0) < self.sparse_limit(x_BM) * d_sae):
+                and self._path_l0(x_BM) < self.sparse_limit(x_BM) * d_sae):
             out = sparse_forward(sae, x_BM)
             x_hat = out.x_hat
             mse = F.mse_loss(x_hat, x_BM)
@@ -249,18 +262,34 @@ class SAEModule(L.LightningModule):
                 logs["train/threshold_mean"] = sae.threshold.detach().float().mean()
         return loss, logs
 
+    def _path_l0(self, x_BM: torch.Tensor) -> float:
+        """The L0 that picks this step's path: the last step's; on the first step, this batch's (one encoder
+        product without gradients), so an SAE started from trained weights is never given a dense step, whose
+        [batch, d_sae] tensors are what bounds memory at large dictionaries."""
+        if float(self.last_l0) < 0:
+            with torch.no_grad():
+                prod_BF = self.sae.encoder_input(x_BM.float()) @ self.sae.W_enc
+                rows, _ = self.sae.select_biased(prod_BF, self.sae.b_enc)
+                self.last_l0.fill_(rows.numel() / x_BM.shape[0])
+                del prod_BF
+        return float(self.last_l0)
+
     def sparse_limit(self, x_BM: torch.Tensor) -> float:
         """The L0 density (of d_sae) below which a step takes the sparse path: ``model.sparse_max_density``, or
         measured on this batch the first time it is asked (the mean over ranks, so every rank picks alike). A
         buffer: a resumed run keeps the value the original measured, and with it the original's choices."""
         if float(self.sparse_crossover) < 0:
-            costs = measure_step_costs(self.sae, x_BM)
-            value = torch.tensor(costs.crossover(), device=self.sparse_crossover.device)
+            crossover, costs = crossover_for(self.sae, x_BM)
+            value = torch.tensor(crossover, device=self.sparse_crossover.device)
             if dist.is_available() and dist.is_initialized():
                 dist.all_reduce(value)
                 value /= dist.get_world_size()
             self.sparse_crossover.fill_(float(value))
-            if self._trainer is None or self.trainer.is_global_zero:
+            if costs is None:
+                log.info("sparse step: the sparse path runs while L0 < %.1f (%.1f%% of d_sae), as measured "
+                         "before on this machine (%s)", float(value) * self.hparams.d_sae, 100 * float(value),
+                         cost_cache_path())
+            elif self._trainer is None or self.trainer.is_global_zero:
                 log.info("sparse step: a dense loss forward+backward on %d rows takes %.0f ms, the sparse one %s; "
                          "the sparse path runs while L0 < %.1f (%.1f%% of d_sae)", costs.rows, 1e3 * costs.dense_s,
                          ", ".join(f"{1e3 * t:.0f} ms at {100 * d:g}%" for d, t in costs.sparse_s),
@@ -331,15 +360,7 @@ class SAEModule(L.LightningModule):
             what = "; ".join(f"{k}={a!r} there, {b!r} in this run" for k, (a, b) in differ.items())
             raise InputError(f"checkpoint {where or ''} holds another SAE ({what}): resume with the settings it "
                              "was trained with, or start a new run without ckpt_path")
-        state = checkpoint.get("state_dict")
-        if state is None:
-            return
-        params = {n for n, _ in self.named_parameters()}
-        for name, value in self.state_dict().items():
-            if name not in state and name not in params:
-                log.warning("checkpoint %s has no %s (written by an older version): it starts fresh", where or "",
-                            name)
-                state[name] = value.detach().clone()
+        fill_missing_buffers(self, checkpoint, where)
 
     def training_step(self, x_BM: torch.Tensor, batch_idx: int) -> torch.Tensor | None:
         loss, logs = self.train_loss(x_BM)

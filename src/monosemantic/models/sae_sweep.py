@@ -31,7 +31,7 @@ from torch import nn
 
 from monosemantic.errors import ConfigError
 from monosemantic.models import guards
-from monosemantic.models.sae_module import SAEModule
+from monosemantic.models.sae_module import SAEModule, fill_missing_buffers
 
 
 class SAESweepModule(L.LightningModule):
@@ -76,6 +76,10 @@ class SAESweepModule(L.LightningModule):
         self._share_trainer()  # also after a checkpoint restore
         guards.check_action(self.nonfinite, int(self.trainer.world_size))
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """As :meth:`SAEModule.on_load_checkpoint` for the buffers: the members' hooks are not called."""
+        fill_missing_buffers(self, checkpoint, getattr(self._trainer, "ckpt_path", None) if self._trainer else None)
+
     def stream_batches(self) -> int:
         """The stream's index of the batch being trained on (as :meth:`SAEModule.stream_batches`)."""
         return int(self.trainer.global_step) * int(self.trainer.accumulate_grad_batches)
@@ -93,14 +97,25 @@ class SAESweepModule(L.LightningModule):
         total = x_BM.new_zeros((), dtype=torch.float32)
         every = max(1, int(self.trainer.log_every_n_steps))
         log_now = (self.global_step + 1) % every == 0
+        # a member's train_loss moves its counters (firing, tokens, λ, L0): a batch skipped for a later member
+        # must leave the earlier ones as they were
+        before = ([{n: b.clone() for n, b in m.named_buffers()} for m in self.members]
+                  if self.nonfinite == "skip" else None)
+        member_logs = []
         for i, m in enumerate(self.members):
             loss, logs = m.train_loss(x_BM)
             if not guards.nonfinite_loss(self, loss, self.nonfinite, what=f"loss of {self.names[i]}",
                                          finite=m._loss_finite):
+                with torch.no_grad():
+                    for earlier, saved in zip(self.members[:i], before or []):
+                        for n, b in earlier.named_buffers():
+                            b.copy_(saved[n])
                 return None  # the whole batch, for every member: they share one optimizer step
             total = total + loss.float()
-            if log_now:
-                self.log_member(i, {**logs, "train/tokens": m.tokens_seen})
+            member_logs.append({**logs, "train/tokens": m.tokens_seen})
+        if log_now:
+            for i, logs in enumerate(member_logs):
+                self.log_member(i, logs)
         self.log("train/loss_sum", total.detach(), on_step=True, on_epoch=False, prog_bar=True)
         return total
 

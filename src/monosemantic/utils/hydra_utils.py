@@ -290,8 +290,33 @@ def run_main(main: Callable[[], Any], config_name: str, config_dir: str | Path) 
         main()
     except SystemExit as e:
         if e.code not in (0, None) and not _STARTED:
-            args = [a for a in sys.argv[1:] if not a.startswith("-")]
-            hint = composition_hint(config_dir, config_name, args)
+            name, args, other_dir = _command_line(sys.argv[1:], config_name)
+            hint = None if other_dir else composition_hint(config_dir, name, args)
             if hint:
                 sys.stderr.write(hint + "\n")
         raise
+
+
+_VALUE_FLAGS = {"-cn": "name", "--config-name": "name", "-cp": "dir", "--config-path": "dir", "-cd": "dir",
+                "--config-dir": "dir", "--experimental-rerun": "dir", "-i": None, "--info": None}
+
+
+def _command_line(argv: list[str], config_name: str) -> tuple[str, list[str], bool]:
+    """(config name, overrides, whether another config folder was asked for) from Hydra's command line: the
+    values of ``-cn``/``-cp``/``-cd`` (``--config-name x`` or ``--config-name=x``) are not overrides."""
+    overrides, other_dir, i = [], False, 0
+    while i < len(argv):
+        arg = argv[i]
+        flag, eq, value = arg.partition("=")
+        if flag in _VALUE_FLAGS and flag.startswith("-"):
+            if not eq:
+                value = argv[i + 1] if i + 1 < len(argv) and flag not in ("-i", "--info") else ""
+                i += 0 if flag in ("-i", "--info") else 1
+            if _VALUE_FLAGS[flag] == "name" and value:
+                config_name = value
+            elif _VALUE_FLAGS[flag] == "dir":
+                other_dir = True
+        elif not arg.startswith("-"):
+            overrides.append(arg)
+        i += 1
+    return config_name, overrides, other_dir

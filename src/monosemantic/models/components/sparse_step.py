@@ -17,6 +17,9 @@ autocast the dense encoder matmul runs in bf16 (as in the dense path); the spars
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -185,3 +188,44 @@ def measure_step_costs(sae, x_BM: torch.Tensor, densities: tuple[float, ...] = (
                 probe.b_enc.copy_(b_enc - torch.quantile(pre, 1.0 - rho))
             points.append((rho, timed(sparse_loss)))
     return StepCosts(dense_s, tuple(points), x_BM.shape[0])
+
+
+def _cost_key(sae, x_BM: torch.Tensor) -> str:
+    """What a crossover depends on: the device, its precision, the SAE's shape and rule, the torch build."""
+    device = torch.cuda.get_device_name(x_BM.device) if x_BM.is_cuda else f"cpu{torch.get_num_threads()}"
+    bf16 = any(torch.is_autocast_enabled(t) and torch.get_autocast_dtype(t) == torch.bfloat16 for t in ("cpu", "cuda"))
+    k = getattr(sae, "k", None)
+    return (f"{device}|{torch.__version__}|{'bf16' if bf16 else 'fp32'}|{sae.architecture}|k={k}|"
+            f"{sae.d_in}x{sae.d_sae}|rows={min(x_BM.shape[0], max(128, min(1024, 2**23 // sae.d_sae)))}")
+
+
+def cost_cache_path() -> Path:
+    """Where measured crossovers are kept: ``$MONOSEMANTIC_STEP_COSTS``, else ``~/.cache/monosemantic``."""
+    env = os.environ.get("MONOSEMANTIC_STEP_COSTS")
+    return Path(env) if env else Path.home() / ".cache" / "monosemantic" / "step_costs.json"
+
+
+def crossover_for(sae, x_BM: torch.Tensor) -> tuple[float, StepCosts | None]:
+    """The sparse/dense crossover for this SAE on this machine: measured once (:func:`measure_step_costs`) and
+    kept in :func:`cost_cache_path` under :func:`_cost_key`, so two runs of one config on one machine choose
+    their paths alike (a fresh timing each run would move the switch by a step or two, and with it the
+    float rounding). Returns (crossover, the timings when measured now, else None)."""
+    import filelock
+
+    path, key = cost_cache_path(), _cost_key(sae, x_BM)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = filelock.FileLock(str(path) + ".lock", timeout=600)
+    except OSError:  # a read-only home: measure every run
+        costs = measure_step_costs(sae, x_BM)
+        return costs.crossover(), costs
+    with lock:
+        known = json.loads(path.read_text()) if path.is_file() else {}
+        if key in known:
+            return float(known[key]), None
+        costs = measure_step_costs(sae, x_BM)
+        known[key] = costs.crossover()
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    return known[key], costs
