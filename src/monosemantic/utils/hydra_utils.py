@@ -298,7 +298,7 @@ def run_main(main: Callable[[], Any], config_name: str, config_dir: str | Path) 
 
 
 _VALUE_FLAGS = {"-cn": "name", "--config-name": "name", "-cp": "dir", "--config-path": "dir", "-cd": "dir",
-                "--config-dir": "dir", "--experimental-rerun": "dir", "-i": None, "--info": None}
+                "--config-dir": "dir", "--experimental-rerun": "dir"}
 
 
 def _command_line(argv: list[str], config_name: str) -> tuple[str, list[str], bool]:
@@ -306,17 +306,15 @@ def _command_line(argv: list[str], config_name: str) -> tuple[str, list[str], bo
     values of ``-cn``/``-cp``/``-cd`` (``--config-name x`` or ``--config-name=x``) are not overrides."""
     overrides, other_dir, i = [], False, 0
     while i < len(argv):
-        arg = argv[i]
-        flag, eq, value = arg.partition("=")
-        if flag in _VALUE_FLAGS and flag.startswith("-"):
-            if not eq:
-                value = argv[i + 1] if i + 1 < len(argv) and flag not in ("-i", "--info") else ""
-                i += 0 if flag in ("-i", "--info") else 1
+        flag, eq, value = argv[i].partition("=")
+        if flag in _VALUE_FLAGS:
+            if not eq:  # the value is the next word
+                i += 1
+                value = argv[i] if i < len(argv) else ""
             if _VALUE_FLAGS[flag] == "name" and value:
                 config_name = value
-            elif _VALUE_FLAGS[flag] == "dir":
-                other_dir = True
-        elif not arg.startswith("-"):
-            overrides.append(arg)
+            other_dir = other_dir or _VALUE_FLAGS[flag] == "dir"
+        elif not argv[i].startswith("-"):
+            overrides.append(argv[i])
         i += 1
     return config_name, overrides, other_dir

@@ -17,8 +17,10 @@ autocast the dense encoder matmul runs in bf16 (as in the dense path); the spars
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -26,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from monosemantic.errors import ConfigError
+from monosemantic.utils.io import write_json_atomic
 
 
 class SparseFeatures(NamedTuple):
@@ -134,6 +137,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _default_rows(d_sae: int) -> int:
+    """Rows timed by :func:`measure_step_costs`: 2²³/d_sae within [128, 1024]."""
+    return max(128, min(1024, 2**23 // d_sae))
+
+
 def measure_step_costs(sae, x_BM: torch.Tensor, densities: tuple[float, ...] = (0.005, 0.03, 0.1),
                        rows: int | None = None, repeats: int = 2) -> StepCosts:
     """Time the dense and the sparse loss forward + backward of a copy of ``sae`` on (the first ``rows`` of) a
@@ -142,12 +150,7 @@ def measure_step_costs(sae, x_BM: torch.Tensor, densities: tuple[float, ...] = (
     encoder bias shifted so that fraction of the pre-activations is positive); a TopK SAE at its own k.
     The fastest of ``repeats`` timings counts, after one untimed warm-up of each. ``rows`` (None: 2²³/d_sae
     within [128, 1024]) keeps the measurement to a few dense steps' worth of work at any dictionary size."""
-    import copy
-    import time
-
-    if rows is None:
-        rows = max(128, min(1024, 2**23 // sae.d_sae))
-    x_BM = x_BM[:rows].detach().float()
+    x_BM = x_BM[: rows or _default_rows(sae.d_sae)].detach().float()
     probe = copy.deepcopy(sae)
     for p in probe.parameters():
         p.requires_grad_(True)
@@ -196,7 +199,7 @@ def _cost_key(sae, x_BM: torch.Tensor) -> str:
     bf16 = any(torch.is_autocast_enabled(t) and torch.get_autocast_dtype(t) == torch.bfloat16 for t in ("cpu", "cuda"))
     k = getattr(sae, "k", None)
     return (f"{device}|{torch.__version__}|{'bf16' if bf16 else 'fp32'}|{sae.architecture}|k={k}|"
-            f"{sae.d_in}x{sae.d_sae}|rows={min(x_BM.shape[0], max(128, min(1024, 2**23 // sae.d_sae)))}")
+            f"{sae.d_in}x{sae.d_sae}|rows={min(x_BM.shape[0], _default_rows(sae.d_sae))}")
 
 
 def cost_cache_path() -> Path:
@@ -225,7 +228,5 @@ def crossover_for(sae, x_BM: torch.Tensor) -> tuple[float, StepCosts | None]:
             return float(known[key]), None
         costs = measure_step_costs(sae, x_BM)
         known[key] = costs.crossover()
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(known, indent=1, sort_keys=True))
-        os.replace(tmp, path)
+        write_json_atomic(path, known)
     return known[key], costs
