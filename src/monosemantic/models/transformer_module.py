@@ -21,11 +21,15 @@ from torchmetrics import MeanMetric
 
 from monosemantic.errors import InputError, MissingInputError
 from monosemantic.models import guards
+from monosemantic.models.components.hooked_form import hooked_config, hooked_state_dict
 from monosemantic.models.components.transformer import Transformer
 from monosemantic.utils.io import atomic_dir
 
 EXPORT_FORMAT = "monosemantic.transformer"
 EXPORT_VERSION = 1
+HOOKED_DIR = "transformer_lens"  # the TransformerLens form, inside every transformer export
+HOOKED_FORMAT = "monosemantic.hooked_transformer"
+EOT = "<|endoftext|>"  # the document separator of both tokenizers (data/tokenizer.py)
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.1) -> Callable[[int], float]:
@@ -125,7 +129,32 @@ def export_transformer(net: Transformer, out_dir: str | Path, tokenizer_path: st
         save_file(state, str(tmp / "model.safetensors"))
         if tokenizer_path is not None:
             shutil.copy(tokenizer_path, tmp / "tokenizer.json")
+        write_hooked_form(net, tmp / HOOKED_DIR, tokenizer_path)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    return out_dir
+
+
+def write_hooked_form(net: Transformer, out_dir: str | Path, tokenizer_path: str | Path | None) -> Path:
+    """The TransformerLens form of ``net`` in ``out_dir`` (created; parents must exist)::
+
+        config.json             HookedTransformerConfig(**config["cfg"])
+        model.safetensors       the HookedTransformer state dict's parameters (models/components/hooked_form.py)
+        tokenizer.json          our tokenizer, with tokenizer_config.json so that
+                                transformers.AutoTokenizer.from_pretrained(out_dir) loads it offline
+
+    ``monosemantic.interop.tlens.to_hooked_transformer`` loads it; so can plain TransformerLens.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir()
+    save_file(hooked_state_dict(net), str(out_dir / "model.safetensors"))
+    if tokenizer_path is not None:
+        shutil.copy(tokenizer_path, out_dir / "tokenizer.json")
+        tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": net.cfg.n_ctx,
+                   "bos_token": EOT, "eos_token": EOT, "pad_token": EOT, "clean_up_tokenization_spaces": False}
+        (out_dir / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))
+    config = {"format": HOOKED_FORMAT, "version": 1, "cfg": hooked_config(net.cfg),
+              "tokenizer": "tokenizer.json" if tokenizer_path is not None else None}
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     return out_dir
 
 
