@@ -11,14 +11,17 @@ TORCH_VERSION ?= 2.13.0
 CUDA_INDEX ?=
 EXPERIMENT ?= sae_4096
 ARGS ?=
+# TransformerLens, SAELens, SAEDashboard and SAEBench pin numpy < 2 and an older datasets: their own venv
+INTEROP_VENV ?= .venv-interop
 
-.PHONY: help install install-dev corpus train train-transformer cache test test-fast lint clean bench
+.PHONY: help install install-dev corpus train train-transformer cache test test-fast lint clean bench interop-env test-interop
 
 help:
 	@echo "make train   install into $(VENV), fetch the corpus, run experiment=$(EXPERIMENT)"
 	@echo "make test    install the dev extra and run the test suite"
 	@echo "make bench   one table of SAE training speed and memory on this machine (after make train)"
 	@echo "make lint    ruff + hadolint"
+	@echo "make test-interop  TransformerLens / SAELens / SAEDashboard / SAEBench tests, in $(INTEROP_VENV)"
 
 $(VENV)/.torch-$(TORCH):
 	$(PYTHON) -m venv $(VENV)
@@ -68,6 +71,21 @@ test: install-dev
 # ~45 min on 2 CPU cores); writes bench/results/<date>.md. ARGS=--quick: tiny sizes, a few minutes.
 bench: install
 	$(PY) bench/bench_table.py $(ARGS)
+
+# The field's tools in their own environment (~3 min to build, ~3 GB): pinned by interop-constraints.txt.
+# SAEBench requires torchvision, but PyPI's build does not import beside the pinned CPU torch and nothing
+# we call uses it, so it is removed again.
+$(INTEROP_VENV)/.installed: pyproject.toml interop-constraints.txt
+	$(PYTHON) -m venv $(INTEROP_VENV)
+	$(INTEROP_VENV)/bin/pip install -q torch==$(TORCH_VERSION)
+	$(INTEROP_VENV)/bin/pip install -q -c interop-constraints.txt -e . pytest sae-lens transformer-lens sae-dashboard sae-bench
+	$(INTEROP_VENV)/bin/pip uninstall -y -q torchvision torchaudio
+	touch $@
+
+interop-env: $(INTEROP_VENV)/.installed
+
+test-interop: interop-env
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(INTEROP_VENV)/bin/pytest -q tests/interop $(ARGS)
 
 test-fast: install-dev
 	$(VENV)/bin/pytest -q -m "not slow" $(ARGS)

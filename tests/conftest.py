@@ -3,6 +3,7 @@ transformer export and a tiny activation cache — all built once per session un
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import tempfile
@@ -22,6 +23,9 @@ os.environ["MONOSEMANTIC_STEP_COSTS"] = os.path.join(tempfile.mkdtemp(prefix="st
 os.environ["WANDB_MODE"] = "offline"
 os.environ["WANDB_SILENT"] = "true"
 os.environ.pop("WANDB_API_KEY", None)
+
+# tests/interop need the field's libraries, installed only in the interop environment (make test-interop)
+collect_ignore = [] if importlib.util.find_spec("sae_lens") else ["interop"]
 
 TINY_CORPUS = {"kind": "python_stdlib", "max_bytes": 400_000}
 TINY_TOKENIZER = {"kind": "bpe", "vocab_size": 512}
