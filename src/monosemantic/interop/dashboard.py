@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from monosemantic.errors import InputError
@@ -19,6 +18,7 @@ from monosemantic.errors import InputError
 
 def held_out_windows(transformer_dir: str | Path, n_windows: int) -> torch.Tensor:
     """The first ``n_windows`` n_ctx-token windows of the validation split the transformer was trained beside."""
+    from monosemantic.analysis.collect import token_windows
     from monosemantic.data.token_store import load_split
 
     meta = json.loads((Path(transformer_dir) / "config.json").read_text())
@@ -26,11 +26,10 @@ def held_out_windows(transformer_dir: str | Path, n_windows: int) -> torch.Tenso
     if not store or not Path(store).is_dir():
         raise InputError(f"{transformer_dir}/config.json: token_store {store!r} is not a folder here")
     n_ctx = int(meta["model"]["n_ctx"])
-    val = np.asarray(load_split(store, "val"), dtype=np.int64)
-    n = min(n_windows, len(val) // n_ctx)
-    if n == 0:
+    first = next(token_windows(load_split(store, "val"), n_ctx, n_windows), None)
+    if first is None:
         raise InputError(f"{store}: the val split has fewer than {n_ctx} tokens")
-    return torch.as_tensor(val[: n * n_ctx].reshape(n, n_ctx))
+    return first[0]
 
 
 def render(sae_export: str | Path, transformer_dir: str | Path, features: list[int], out: str | Path,

@@ -73,7 +73,7 @@ def our_metrics(export_dir: str | Path, transformer_dir: str | Path, tokens_NT: 
 
     sae, _ = load_sae(export_dir)
     net, _ = load_transformer(transformer_dir)
-    tokens = torch.as_tensor(np.asarray(tokens_NT, dtype=np.int64))
+    batches = torch.as_tensor(np.asarray(tokens_NT, dtype=np.int64)).split(8)
     with torch.no_grad():
-        acts = [net.mlp_acts(tokens[i:i + 8]).flatten(0, 1) for i in range(0, len(tokens), 8)]
-    return evaluate(sae, acts, [tokens[i:i + 8] for i in range(0, len(tokens), 8)], net)
+        acts = [net.mlp_acts(b).flatten(0, 1) for b in batches]
+    return evaluate(sae, acts, batches, net)

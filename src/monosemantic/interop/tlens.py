@@ -15,7 +15,6 @@ import torch
 from safetensors.torch import load_file
 
 from monosemantic.errors import InputError
-from monosemantic.models.components.hooked_form import hooked_config, hooked_state_dict
 from monosemantic.models.transformer_module import HOOKED_DIR, HOOKED_FORMAT, load_transformer, write_hooked_form
 
 
@@ -37,24 +36,24 @@ def _read_hooked(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 def to_hooked_transformer(path: str | Path, device: str = "cpu", cls: type | None = None):
     """A ``HookedTransformer`` (or ``cls``, e.g. ``sae_lens.HookedSAETransformer``) with our weights and
     tokenizer, in eval mode. Its ``blocks.0.mlp.hook_post`` is our ``blocks.0.mlp.hook_post``."""
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens import HookedTransformer
 
+    cls = cls or HookedTransformer
     path = Path(path)
-    folder = path / HOOKED_DIR
-    if (folder / "config.json").is_file():
-        config, state = _read_hooked(folder)
-        return _build(cls or HookedTransformer, HookedTransformerConfig, config, state, folder, device)
-    net, meta = load_transformer(path)  # an export from before the TransformerLens form: convert it now
+    if (path / HOOKED_DIR / "config.json").is_file():
+        return _build(cls, path / HOOKED_DIR, device)
+    net, meta = load_transformer(path)  # an export from before the TransformerLens form: write it aside first
     with tempfile.TemporaryDirectory() as tmp:
         tok = path / meta["tokenizer"] if meta.get("tokenizer") else None
         folder = write_hooked_form(net, Path(tmp) / HOOKED_DIR, tok)
-        config = {"cfg": hooked_config(net.cfg), "tokenizer": "tokenizer.json" if tok else None}
-        return _build(cls or HookedTransformer, HookedTransformerConfig, config, hooked_state_dict(net), folder,
-                      device)
+        return _build(cls, folder, device)
 
 
-def _build(cls, config_cls, config: dict, state: dict[str, torch.Tensor], folder: Path, device: str):
-    cfg = config_cls(**config["cfg"], device=device, init_weights=False)
+def _build(cls, folder: Path, device: str):
+    from transformer_lens import HookedTransformerConfig
+
+    config, state = _read_hooked(folder)
+    cfg = HookedTransformerConfig(**config["cfg"], device=device, init_weights=False)
     tokenizer = hf_tokenizer(folder) if config.get("tokenizer") else None
     model = cls(cfg, tokenizer=tokenizer, move_to_device=True)
     params = dict(model.named_parameters())
