@@ -27,7 +27,8 @@ def test_groups_exist():
         assert needed <= set(options(group)), group
 
 
-VARIANTS = {"sae_topk": "topk", "sae_batchtopk": "batchtopk", "sae_jumprelu": "jumprelu", "sae_april": "standard"}
+VARIANTS = {"sae_topk": "topk", "sae_batchtopk": "batchtopk", "sae_jumprelu": "jumprelu", "sae_april": "standard",
+            "sae_target": "standard"}
 
 
 @pytest.mark.parametrize("scale", options("scale"))
@@ -46,6 +47,8 @@ def test_experiment_and_scale_resolve(experiment, scale, tmp_path):
             cfg.model.d_in = 512
         module = hydra.utils.instantiate(cfg.model)  # the variant's settings are ones its SAE accepts
         assert module.sae.architecture == VARIANTS[experiment] and module.sae.d_sae == 4096
+        if experiment == "sae_target":  # λ found for L0 20, and the run started there
+            assert module.hparams.target_l0 == 20 and module.hparams.b_enc_init_l0 == 20
     elif experiment.startswith("sae_"):
         assert resolved["model"]["d_sae"] == int(experiment.split("_")[1])
         assert resolved["stage"] == "sae" and resolved["task_name"] == experiment

@@ -137,3 +137,14 @@ def test_a_grid_over_a_nested_key_names_its_saes_by_the_last_part(synthetic, tmp
     members = member_configs(cfg)
     assert [n for n, _ in members] == ["lr=0.001", "lr=0.0003"]
     assert [m.optimizer.lr for _, m in members] == [1e-3, 3e-4]
+
+
+def test_a_grid_over_target_l0_starts_each_sae_at_its_own_l0(synthetic, tmp_path):
+    # b_enc_init_l0 is ${.target_l0}: each member follows its own grid value, not the base's (null)
+    cfg = compose_cfg("train", ["experiment=sae_sweep", f"data.shards={synthetic}", "~saes.grid",
+                                "+saes.grid={target_l0:[4,8]}"], tmp_path)
+    members = member_configs(cfg)
+    assert [(m.target_l0, m.b_enc_init_l0) for _, m in members] == [(4, 4), (8, 8)]
+    cfg = compose_cfg("train", ["experiment=sae_sweep", f"data.shards={synthetic}", "~saes.grid",
+                                "+saes.grid={target_l0:[4,8],b_enc_init_l0:[16]}"], tmp_path / "b")
+    assert [m.b_enc_init_l0 for _, m in member_configs(cfg)] == [16, 16]  # set by the grid itself: kept

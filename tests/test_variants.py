@@ -290,6 +290,7 @@ def test_target_l0_steers_lambda_then_freezes_it(separable, tmp_path):
     run = _train(separable, tmp_path, [*common, "model.target_l0=3", "model.target_l0_until=0.7"])
     final = json.loads((run / "metrics.json").read_text())
     assert final["target_l0"] == 3.0 and final["l1_coeff_init"] == pytest.approx(1e-4)
+    assert final["b_enc_init_l0"] == 3.0  # the run started at the target L0
     assert final["l1_coeff"] > 100 * 1e-4
     assert 2.4 <= final["l0"] <= 4.5, final["l0"]
     assert final["mmcs"] > 0.9
@@ -301,6 +302,46 @@ def test_target_l0_steers_lambda_then_freezes_it(separable, tmp_path):
     assert len({v for s, v in lam if s < 0.7 * 480}) > 10  # it moved before
     untargeted = _train(separable, tmp_path / "b", common)
     assert json.loads((untargeted / "metrics.json").read_text())["l0"] > 5 * final["l0"]
+
+
+@pytest.mark.parametrize("arch,kw", [("standard", {}), ("jumprelu", {"init_threshold": 0.2}),
+                                     ("standard", {"pre_encoder_bias": False, "normalize_decoder": False,
+                                                   "decoder_init_norm": 0.1})])
+def test_encoder_bias_start_fires_every_feature_at_the_stated_l0(arch, kw):
+    sae = _noisy(build_sae(16, 64, arch, **kw))
+    x = torch.randn(2048, 16) * 2 + 0.5
+    W_enc, W_dec, b_dec = sae.W_enc.clone(), sae.W_dec.clone(), sae.b_dec.clone()
+    assert sae.init_b_enc_for_l0_(x, 5.0, chunk=24) == pytest.approx(5.0)  # chunks that do not divide d_sae
+    fires_F = (sae(x).feats > 0).sum(0)
+    assert (fires_F == round(2048 * 5 / 64)).all(), fires_F  # each feature on the same 160 of 2,048 tokens
+    assert torch.equal(sae.W_enc, W_enc) and torch.equal(sae.W_dec, W_dec) and torch.equal(sae.b_dec, b_dec)
+    # on fresh tokens from the same distribution the L0 stays near the target
+    assert 4.0 < (sae(torch.randn(8192, 16) * 2 + 0.5).feats > 0).sum(1).float().mean() < 6.0
+    with pytest.raises(ValueError, match="starting L0 must be in"):
+        sae.init_b_enc_for_l0_(x, 64.0)
+    with pytest.raises(ValueError, match="L0 comes from k"):
+        build_sae(16, 64, "topk", k=3).init_b_enc_for_l0_(x, 5.0)
+
+
+def test_target_l0_also_starts_the_run_there(tmp_path):
+    """``model.b_enc_init_l0`` follows ``model.target_l0`` (null without it), and the module's setup applies it
+    after the decoder bias, on the same sample."""
+    from types import SimpleNamespace
+
+    from hydra.utils import instantiate
+    plain = compose_cfg("train", ["experiment=sae_512"], tmp_path / "a")
+    assert plain.model.b_enc_init_l0 is None
+    cfg = compose_cfg("train", ["experiment=sae_512", "model.target_l0=6", "model.d_sae=64"], tmp_path / "b")
+    assert cfg.model.b_enc_init_l0 == 6
+    m = instantiate(cfg.model, d_in=16)
+    sample = torch.randn(4096, 16) + 1.0
+    m._trainer = SimpleNamespace(datamodule=SimpleNamespace(sample_activations=lambda n, seed: sample[:n]))
+    m.setup("fit")
+    assert (m.sae.b_dec - sample.median(0).values).abs().max() < 0.2  # the geometric median came first
+    x = sample[:m.hparams.b_dec_init_tokens]
+    assert (m.sae(x).feats > 0).sum(1).float().mean() == pytest.approx(6.0, abs=1e-3)
+    with pytest.raises(ValueError, match="b_enc_init_l0=4.0 needs a λ-based SAE"):
+        _module(architecture="topk", k=3, b_enc_init_l0=4.0)
 
 
 def test_dense_features_warn_that_lambda_is_too_low(planted, tmp_path, caplog):

@@ -70,7 +70,8 @@ class SAEModule(L.LightningModule):
                  pre_encoder_bias: bool = True, normalize_decoder: bool = True,
                  decoder_init_norm: float | None = None, target_l0: float | None = None,
                  target_l0_until: float = 0.5, target_l0_gain: float = 0.02, target_l0_damping: float = 50.0,
-                 dense_warn_frac: float = 0.25, nonfinite: str = "stop") -> None:
+                 dense_warn_frac: float = 0.25, b_enc_init_l0: float | None = None,
+                 nonfinite: str = "stop") -> None:
         """
         Args:
             d_sae: dictionary size (A/1: 4,096).
@@ -112,6 +113,10 @@ class SAEModule(L.LightningModule):
                 ``train/l1_coeff``, reported as ``l1_coeff`` in ``metrics.json``).
             dense_warn_frac: warn at validation when more than this fraction of features fire on > 1% of
                 the training window's tokens (the paper's sign that λ is too low).
+            b_enc_init_l0: start the encoder biases so that this many features fire per token of the
+                ``b_dec_init_tokens`` sample, each on the same share of it
+                (:meth:`~.components.sae.SparseAutoencoder.init_b_enc_for_l0_`; λ-based architectures;
+                None: zero biases, the paper's). The config sets it to ``target_l0``.
             nonfinite: on a NaN/inf loss, ``stop`` the run naming the step, the batch and the last checkpoint,
                 or ``skip`` the batch and count it (:mod:`.guards`); non-finite parameters always stop it.
         """
@@ -132,6 +137,9 @@ class SAEModule(L.LightningModule):
                              normalize_decoder=normalize_decoder, decoder_init_norm=decoder_init_norm)
         if target_l0 is not None and not self.sae.uses_penalty:
             raise ConfigError(f"model.target_l0 steers λ, which a {architecture} SAE does not use: set model.k")
+        if b_enc_init_l0 is not None and not (self.sae.uses_penalty and 0 < b_enc_init_l0 < d_sae):
+            raise ConfigError(f"model.b_enc_init_l0={b_enc_init_l0} needs a λ-based SAE (not {architecture}) and "
+                              f"0 < b_enc_init_l0 < d_sae={d_sae}")
         if aux_k_coeff < 0 or (aux_k is not None and aux_k <= 0):
             raise ConfigError(f"model.aux_k_coeff must be >= 0 and model.aux_k positive, got {aux_k_coeff}, {aux_k}")
         # λ in force (target_l0 moves it) and the L0 average that steers it; buffers, so a resume continues them
@@ -185,9 +193,16 @@ class SAEModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         # Runs before DDP wraps the module (which then broadcasts rank 0's parameters).
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if stage == "fit" and self.hparams.b_dec_init == "geometric_median" and dm is not None:
-            sample = dm.sample_activations(self.hparams.b_dec_init_tokens, seed=0)
+        start_l0 = self.hparams.get("b_enc_init_l0")
+        if stage != "fit" or dm is None or (self.hparams.b_dec_init != "geometric_median" and start_l0 is None):
+            return
+        sample = dm.sample_activations(self.hparams.b_dec_init_tokens, seed=0)
+        if self.hparams.b_dec_init == "geometric_median":
             self.sae.init_b_dec_geometric_median_(sample)
+        if start_l0 is not None:
+            l0 = self.sae.init_b_enc_for_l0_(sample, start_l0)
+            log.info("encoder biases set so the run starts at L0 %.1f (model.b_enc_init_l0=%g) on %d tokens",
+                     l0, start_l0, len(sample))
 
     # -- training -------------------------------------------------------------------------------------
     def l1_coeff_now(self) -> float:

@@ -75,6 +75,11 @@ def member_configs(cfg: DictConfig) -> list[tuple[str, DictConfig]]:
     if not grid:
         return [("", cfg.model)]
     base = OmegaConf.to_container(cfg.model, resolve=True)
+    # keys that are another model key by a relative interpolation (b_enc_init_l0: ${.target_l0}) follow it
+    # when the grid sets it: resolving the base would freeze them at the base's value
+    raw = OmegaConf.to_container(cfg.model, resolve=False)
+    followers = {k: v[3:-1] for k, v in raw.items()
+                 if isinstance(v, str) and v.startswith("${.") and v.endswith("}") and k not in grid}
     keys, values = list(grid), []
     for key in keys:
         if OmegaConf.select(cfg.model, key, default=_MISSING) is _MISSING:
@@ -86,6 +91,8 @@ def member_configs(cfg: DictConfig) -> list[tuple[str, DictConfig]]:
         member = OmegaConf.create(base)
         for key, value in zip(keys, point):
             OmegaConf.update(member, key, value, merge=False)
+            for follower in (f for f, src in followers.items() if src == key):
+                OmegaConf.update(member, follower, value, merge=False)
         out.append((",".join(f"{key.split('.')[-1]}={value:g}" if isinstance(value, float)
                              else f"{key.split('.')[-1]}={value}" for key, value in zip(keys, point)), member))
     if len({name for name, _ in out}) != len(out):
@@ -264,6 +271,7 @@ def finish_sae(cfg: DictConfig, model_cfg: DictConfig, model, dm, trainer: L.Tra
         "l1_coeff": l1_coeff, "l1_reduction": model_cfg.l1_reduction,
         **({"target_l0": float(model_cfg.target_l0), "l1_coeff_init": float(model_cfg.l1_coeff)}
            if model_cfg.get("target_l0") is not None else {}),
+        **({"b_enc_init_l0": float(model_cfg.b_enc_init_l0)} if model_cfg.get("b_enc_init_l0") is not None else {}),
         # the loss is s²·(MSE_raw + (λ/s)·Σ f_raw): λ/s is the coefficient that acts on raw activations
         "norm_scale": dm.scale,
         "l1_coeff_raw": sae.raw_coeff(l1_coeff, dm.scale) if l1_coeff is not None else None,
