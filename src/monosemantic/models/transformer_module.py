@@ -179,3 +179,32 @@ def load_transformer(path: str | Path, device: str | torch.device = "cpu") -> tu
         raise InputError(f"{weights}: {what} for the model described in {cfg_path}")
     net.requires_grad_(False)
     return net.eval().to(device), config
+
+
+@torch.no_grad()
+def shuffled_transformer(net: Transformer, seed: int = 0) -> Transformer:
+    """The randomized control (the paper trains the same SAE on a transformer whose weights are shuffled): a
+    copy of ``net`` with the entries of every parameter tensor permuted independently, so each matrix keeps
+    its distribution of weights (scale, sparsity, outliers) but none of what training put where."""
+    import copy
+
+    g = torch.Generator().manual_seed(seed)
+    out = copy.deepcopy(net)
+    for p in out.parameters():
+        flat = p.detach().reshape(-1)
+        p.copy_(flat[torch.randperm(flat.numel(), generator=g)].view_as(p))
+    return out
+
+
+def export_shuffled(model_dir: str | Path, out_dir: str | Path | None = None, seed: int = 0) -> Path:
+    """Write the shuffled control of the transformer export ``model_dir`` beside it (or to ``out_dir``), with
+    the same tokenizer and token store, so every stage that takes a transformer takes it."""
+    model_dir = Path(model_dir)
+    net, cfg = load_transformer(model_dir)
+    out_dir = Path(out_dir) if out_dir else model_dir.with_name(f"{model_dir.name}-shuffled-s{seed}")
+    tokenizer = model_dir / (cfg.get("tokenizer") or "tokenizer.json")
+    # what the text and the data were stays true of the copy; what training measured does not
+    info = {k: cfg[k] for k in ("token_store", "n_ctx", "corpus") if k in cfg}
+    info["control"] = {"shuffled_from": str(model_dir), "seed": seed}
+    return export_transformer(shuffled_transformer(net, seed), out_dir, tokenizer if tokenizer.is_file() else None,
+                              info)
