@@ -8,6 +8,7 @@ import errno
 import functools
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -385,6 +386,18 @@ def test_a_checkpoint_from_before_a_buffer_existed_still_resumes(tiny_shards, tm
     assert trainer.global_step == 4 and int(module.nonfinite_skipped) == 0
 
 
+def test_a_checkpoint_missing_a_buffer_every_version_wrote_is_refused_by_name(tmp_path):
+    """Only buffers added in later versions may be missing; one the first version already wrote, or a
+    parameter, means the file is damaged, and nothing is filled in for it."""
+    module = SAEModule(d_sae=32, l1_coeff=0.01, optimizer=functools.partial(torch.optim.Adam, lr=1e-3), d_in=64)
+    state = module.state_dict()
+    del state["tokens_seen"], state["sae.W_dec"], state["last_l0"]
+    saved = {"hyper_parameters": dict(module.hparams), "state_dict": state}
+    with pytest.raises(InputError, match=r"has no tokens_seen, sae.W_dec: it is damaged or not a checkpoint"):
+        module.on_load_checkpoint(saved)
+    assert "tokens_seen" not in state
+
+
 def test_a_malformed_export_cfg_is_named(sae_export, tmp_path):
     bad = tmp_path / "export"
     shutil.copytree(sae_export, bad)
@@ -434,6 +447,32 @@ def test_a_full_disk_during_a_checkpoint_names_it_and_keeps_the_previous_one(tin
     assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 2
 
 
+def test_a_full_disk_inside_torch_save_is_a_disk_full_error(tmp_path, monkeypatch):
+    """``torch.save`` into a buffered file reports ENOSPC as ``RuntimeError: ... unexpected pos``, the
+    ``OSError`` only its context. Here the bytes go to /dev/full, a real device that is always full."""
+    import contextlib
+
+    from monosemantic.utils.checkpoint_io import AtomicCheckpointIO
+
+    io_ = AtomicCheckpointIO()
+    io_.save_checkpoint({"global_step": 1, "w": torch.ones(4)}, tmp_path / "last.ckpt")
+
+    def write(self, checkpoint, f):
+        full = open("/dev/full", "wb")  # noqa: SIM115 -- closed below, its own ENOSPC swallowed
+        try:
+            torch.save(checkpoint, full)
+        finally:
+            with contextlib.suppress(OSError):
+                full.close()
+
+    monkeypatch.setattr(AtomicCheckpointIO, "_write", write)
+    with pytest.raises(DiskFullError, match=r"while writing the checkpoint last.ckpt .*previous version") as ei:
+        io_.save_checkpoint({"global_step": 2, "w": torch.zeros(1_000_000)}, tmp_path / "last.ckpt")
+    assert isinstance(ei.value.__cause__, RuntimeError)  # what torch.save raised
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 1
+
+
 def test_a_full_disk_during_an_export_names_it_and_keeps_the_previous_one(tmp_path, monkeypatch):
     import monosemantic.export as export_mod
     from monosemantic.models.components.sae import SparseAutoencoder
@@ -462,6 +501,7 @@ def test_a_corpus_file_that_is_not_text_is_named(tmp_path):
     (docs / "b.txt").write_bytes(Path(os.__file__).read_text()[:500].replace("e", "é").encode("latin-1"))
     with pytest.raises(CorpusError, match=r"b.txt is not UTF-8 text: byte \d+ \(b'\\xe9'\)"):
         Corpus(CorpusConfig(kind="files", data_files=str(docs / "*.txt")), tmp_path)
+    assert not [p.name for p in tmp_path.rglob("*") if ".tmp" in p.name]  # no half-gathered corpus left
 
 
 def test_compressed_corpus_files_are_checked_decompressed_or_left_to_datasets(tmp_path):
@@ -514,16 +554,14 @@ def test_a_token_store_of_another_tokenizer_is_refused(transformer_export, tmp_p
 def test_a_full_disk_while_caching_names_it_and_keeps_the_complete_shards(transformer_export, tmp_path, monkeypatch):
     import monosemantic.data.shards.writer as sw
 
-    real_write, calls = os.write, []
+    real_write, out = os.write, tmp_path / "cache"
 
     def write(fd, data):
-        calls.append(len(data))
-        if len(calls) > 3:  # the first shard (and part of the next) fit, then the disk is full
+        if list(out.glob("shard-*.tar")):  # once one shard is complete (however many writes it took), full
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_write(fd, data)
 
     monkeypatch.setattr(sw.os, "write", write)
-    out = tmp_path / "cache"
     with pytest.raises(DiskFullError, match=r"while writing shard set cache .*GB free there now.*previous version"):
         write_activation_cache(transformer_export, out, TINY, progress=False, max_pending=1)
     complete = sorted(p.name for p in out.glob("shard-*.tar"))
@@ -531,3 +569,57 @@ def test_a_full_disk_while_caching_names_it_and_keeps_the_complete_shards(transf
     monkeypatch.undo()
     write_activation_cache(transformer_export, out, TINY, progress=False)  # resumes after them
     assert len(read_manifest(out)["shards"]) == 6
+
+
+# -- the random state on resume -----------------------------------------------------------------------------
+class _Draws(L.LightningModule):
+    """Each step draws from torch's, numpy's and Python's global generators, as a stochastic component would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(2))
+        self.draws: dict[int, tuple] = {}
+
+    def training_step(self, batch, batch_idx):
+        self.draws[self.global_step] = (torch.rand(3).tolist(), np.random.rand(3).tolist(),
+                                        [random.random() for _ in range(3)])
+        return (self.w * batch[0]).sum() ** 2
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(64, 2)), batch_size=4)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize("restore", [True, False])
+def test_a_resumed_run_draws_the_uninterrupted_runs_random_numbers(tmp_path, restore):
+    """With ``callbacks.rng_state`` (in every default config) the steps after a resume draw what the
+    uninterrupted run drew; without it (Lightning alone) they do not, which is what the callback is for."""
+    from monosemantic.callbacks.rng import RNGState
+    from monosemantic.utils.checkpoint_io import AtomicCheckpointIO
+
+    def fit(max_steps, ckpt_path=None):
+        L.seed_everything(0)
+        ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=2)
+        module = _Draws()
+        L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+                  enable_model_summary=False, plugins=[AtomicCheckpointIO()],
+                  callbacks=[ckpt] + ([RNGState()] if restore else [])).fit(module, ckpt_path=ckpt_path)
+        return module.draws
+
+    whole = fit(6)
+    torch.rand(5), np.random.rand(5), random.random()  # the new process's generators are elsewhere
+    for p in tmp_path.glob("*.ckpt"):
+        p.unlink()
+    fit(2)  # killed after its checkpoint at step 2
+    assert ("rng_states" in torch.load(tmp_path / "last.ckpt", weights_only=True)) == restore  # weights_only
+    resumed = fit(6, ckpt_path=str(tmp_path / "last.ckpt"))
+    assert sorted(resumed) == [2, 3, 4, 5]
+    assert all((resumed[s] == whole[s]) == restore for s in resumed)
+
+
+def test_the_default_callbacks_save_the_random_state(tmp_path):
+    for experiment in ("sae_4096", "transformer_1l", "sae_topk"):
+        cfg = compose_cfg("train", [f"experiment={experiment}"], tmp_path)
+        assert cfg.callbacks.rng_state._target_ == "monosemantic.callbacks.rng.RNGState", experiment

@@ -32,8 +32,10 @@ import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 from monosemantic.errors import UserError
+from monosemantic.utils.io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -106,17 +108,18 @@ def _materialize(cfg: CorpusConfig, cache_dir: Path) -> tuple[Path, dict]:
     if not out.exists():
         log.info("gathering %d files of %s into %s", len(files), root, out)
         cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(f".tmp{os.getpid()}")
-        total = 0
-        with open(tmp, "w", encoding="utf-8") as f:
+
+        def write(f: IO[bytes]) -> None:
+            total = 0
             for p in files:
                 text = _read(p)
                 if text.strip():
-                    f.write(json.dumps({"text": text, "source": str(p.relative_to(root))}) + "\n")
+                    f.write((json.dumps({"text": text, "source": str(p.relative_to(root))}) + "\n").encode())
                     total += len(text)
                 if cfg.max_bytes is not None and total >= cfg.max_bytes:
                     break
-        os.replace(tmp, out)
+
+        atomic_write(out, write, f"the gathered corpus {out.name}")  # a bad file or a kill leaves no part
     info = {"kind": cfg.kind, "root": str(root), "n_files": len(files), "file": out.name,
             "sha256": _sha256(out)}
     return out, info

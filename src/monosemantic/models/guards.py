@@ -61,6 +61,13 @@ def batch_source(trainer, stream_batch: int) -> str:
         return f"training batch {stream_batch} (its source could not be worked out: {e})"
 
 
+def stream_batches(trainer) -> int:
+    """The training stream's index of the batch being trained on: optimizer steps × accumulation. A batch
+    ``model.nonfinite=skip`` drops counts as a step too (Lightning advances the step and the schedule; no
+    parameter moves), so the stream's checkpointed position stays right."""
+    return int(trainer.global_step) * int(trainer.accumulate_grad_batches)
+
+
 def all_finite(t: torch.Tensor) -> bool:
     """Whether ``t`` is finite on every rank: under DDP one scalar all-reduce, so every rank takes the same
     branch (a rank that stopped or skipped alone would leave the others waiting in a collective)."""
@@ -75,7 +82,7 @@ def nonfinite_loss(module, loss: torch.Tensor, action: str, what: str = "loss", 
     """True when ``loss`` is finite. Otherwise, under ``action="stop"``, raise naming the step, the batch and the
     last checkpoint; under ``"skip"``, count the batch in ``module.nonfinite_skipped`` and return False (the
     caller returns None: Lightning then skips the backward and the optimizer step). ``module`` has the buffer
-    ``nonfinite_skipped`` and the method ``stream_batches()``. ``finite``: :func:`all_finite` of ``loss``, when
+    ``nonfinite_skipped``. ``finite``: :func:`all_finite` of ``loss``, when
     the caller has it already (it is a collective under DDP: every rank calls it once per loss)."""
     if finite is None:
         finite = all_finite(loss)
@@ -84,7 +91,7 @@ def nonfinite_loss(module, loss: torch.Tensor, action: str, what: str = "loss", 
     value = float(loss.detach().float().sum())
     shown = f"{value}" if not torch.isfinite(torch.tensor(value)) else f"{value} here (non-finite on another rank)"
     trainer = module.trainer
-    stream_batch = module.stream_batches()
+    stream_batch = stream_batches(trainer)
     where = batch_source(trainer, stream_batch)
     if action == "skip":
         module.nonfinite_skipped += 1
@@ -106,6 +113,6 @@ def check_parameters(module, params: Iterable[tuple[str, torch.Tensor]]) -> None
         if n_bad:  # not merely a sum too large for its dtype
             raise NonFiniteError(
                 f"step {module.global_step}: after the optimizer step on "
-                f"{batch_source(module.trainer, module.stream_batches())}, {name} has {n_bad} "
+                f"{batch_source(module.trainer, stream_batches(module.trainer))}, {name} has {n_bad} "
                 f"non-finite entries. Last checkpoint: {last_checkpoint(module.trainer)}. Resume from it with a "
                 "lower learning rate (or gradient clipping: trainer.gradient_clip_val).")

@@ -44,17 +44,36 @@ from monosemantic.models.components.sparse_step import cost_cache_path, crossove
 log = logging.getLogger(__name__)
 
 
+# Buffers added after the first checkpoints were written (2026-11-25: tokens_since_fired, tokens_seen,
+# window_tokens, norm_scale_buf): a checkpoint may lack these because an older version wrote it. Any other
+# missing entry means the file is damaged or not this project's SAE, and the load is refused naming it.
+ADDED_BUFFERS = frozenset({"l1_coeff_buf", "l0_ema", "l0_rate", "window_fires", "last_window_fires",
+                           "last_window_tokens", "nonfinite_skipped", "last_l0", "sparse_crossover"})
+
+
 def fill_missing_buffers(module: nn.Module, checkpoint: dict[str, Any], where: str | None) -> None:
-    """A buffer the checkpoint lacks (written by an older version) keeps its fresh value, with a warning, so
-    the checkpoint still loads strictly; a missing parameter is left for the strict load to name."""
+    """A buffer of :data:`ADDED_BUFFERS` the checkpoint lacks (written by an older version) keeps its fresh
+    value, with a warning, so the checkpoint still loads strictly. Any other missing buffer or parameter is an
+    :class:`InputError` naming the checkpoint and the entries (a sweep's members' buffers are matched by their
+    own names)."""
     state = checkpoint.get("state_dict")
     if state is None:
         return
     params = {n for n, _ in module.named_parameters()}
+    missing = []
     for name, value in module.state_dict().items():
-        if name not in state and name not in params:
+        if name in state:
+            continue
+        if name not in params and name.rsplit(".", 1)[-1] in ADDED_BUFFERS:
             log.warning("checkpoint %s has no %s (written by an older version): it starts fresh", where or "", name)
             state[name] = value.detach().clone()
+        else:
+            missing.append(name)
+    if missing:
+        raise InputError(f"checkpoint {where or ''} has no {', '.join(missing[:5])}"
+                         f"{f' (and {len(missing) - 5} more)' if len(missing) > 5 else ''}: it is damaged or "
+                         "not a checkpoint of this SAE; resume from another (checkpoints/) or start a new run "
+                         "without ckpt_path")
 
 
 class SAEModule(L.LightningModule):
@@ -351,12 +370,6 @@ class SAEModule(L.LightningModule):
                             "following λ. Held there; check the architecture's settings (e.g. JumpReLU's "
                             "init threshold and learning rate)", target, float(self.l1_coeff_buf),
                             self.hparams.l1_coeff, l0)
-
-    def stream_batches(self) -> int:
-        """The training stream's index of the batch being trained on: optimizer steps × accumulation. A batch
-        ``model.nonfinite=skip`` drops counts as a step too (Lightning advances the step and the schedule; no
-        parameter moves), so the stream's checkpointed position stays right."""
-        return int(self.trainer.global_step) * int(self.trainer.accumulate_grad_batches)
 
     def on_fit_start(self) -> None:
         guards.check_action(self.hparams.nonfinite, int(self.trainer.world_size))

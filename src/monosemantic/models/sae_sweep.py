@@ -80,10 +80,6 @@ class SAESweepModule(L.LightningModule):
         """As :meth:`SAEModule.on_load_checkpoint` for the buffers: the members' hooks are not called."""
         fill_missing_buffers(self, checkpoint, getattr(self._trainer, "ckpt_path", None) if self._trainer else None)
 
-    def stream_batches(self) -> int:
-        """The stream's index of the batch being trained on (as :meth:`SAEModule.stream_batches`)."""
-        return int(self.trainer.global_step) * int(self.trainer.accumulate_grad_batches)
-
     def log_member(self, i: int, metrics: dict[str, Any], step: int | None = None) -> None:
         """Send ``metrics`` to member ``i``'s own loggers (rank 0 only, as Lightning's loggers are)."""
         if not self.trainer.is_global_zero or not self.member_loggers[i]:

@@ -70,10 +70,6 @@ class TransformerModule(L.LightningModule):
         logits_BTV = self.net(window_BT1[:, :-1])
         return F.cross_entropy(logits_BTV.flatten(0, 1).float(), window_BT1[:, 1:].flatten())
 
-    def stream_batches(self) -> int:
-        """The index of the training batch being trained on (for the non-finite loss error)."""
-        return int(self.trainer.global_step) * int(self.trainer.accumulate_grad_batches)
-
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)
         guards.nonfinite_loss(self, loss, "stop")  # a NaN/inf loss stops the run, naming the step and checkpoint

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 
 from monosemantic.errors import OutputExistsError
-from monosemantic.utils.io import raise_if_disk_full, usual_mode
+from monosemantic.utils.io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -41,18 +40,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if path.is_dir():
             raise OutputExistsError(f"{path} is a folder: a checkpoint cannot be written there")
         self._remove_stale(path.parent)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            os.fchmod(fd, usual_mode())
-            with os.fdopen(fd, "wb") as f:
-                self._write(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException as e:
-            Path(tmp).unlink(missing_ok=True)
-            raise_if_disk_full(e, f"the checkpoint {path.name}", path)
-            raise
+        atomic_write(path, lambda f: self._write(checkpoint, f), f"the checkpoint {path.name}")
         _fsync_dir(path.parent)
 
     def _write(self, checkpoint: dict[str, Any], f: Any) -> None:

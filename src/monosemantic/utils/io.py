@@ -7,10 +7,10 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from monosemantic.errors import DiskFullError
 
@@ -35,10 +35,23 @@ def usual_mode(directory: bool = False) -> int:
     return (0o777 if directory else 0o666) & ~current_umask()
 
 
+def _disk_full_cause(e: BaseException | None) -> OSError | None:
+    """The ``ENOSPC``/``EDQUOT`` error behind ``e``, if any. ``torch.save`` into a buffered file reports a full
+    disk as ``RuntimeError: ... unexpected pos``, with the ``OSError`` only as its context."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def raise_if_disk_full(e: BaseException, what: str, where: str | Path) -> None:
-    """Turn ``ENOSPC`` (or a quota's ``EDQUOT``) while writing ``what`` into one clear
-    :class:`~monosemantic.errors.DiskFullError`; any other error is left to the caller to re-raise."""
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+    """Turn ``ENOSPC`` (or a quota's ``EDQUOT``) while writing ``what``, raised or behind the error raised,
+    into one clear :class:`~monosemantic.errors.DiskFullError`; any other error is left to the caller to
+    re-raise."""
+    if _disk_full_cause(e) is not None:
         try:
             folder = Path(where) if Path(where).is_dir() else Path(where).parent
             free = f"{shutil.disk_usage(folder).free / 1e9:.2f} GB free there now"
@@ -50,23 +63,30 @@ def raise_if_disk_full(e: BaseException, what: str, where: str | Path) -> None:
                             "resumes with ckpt_path=last).") from e
 
 
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write ``obj`` as JSON to a temporary file in the same folder, then ``os.replace`` it into place."""
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None], what: str | None = None) -> None:
+    """``write(f)`` into a temporary file beside ``path`` (binary, the mode a new file gets under the umask),
+    fsync it, then ``os.replace`` it into place: ``path`` is the old file or the new one, never a part. On any
+    error the temporary file is removed; a full disk becomes a :class:`DiskFullError` naming ``what``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, usual_mode())
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
+        with os.fdopen(fd, "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        raise_if_disk_full(e, path.name, path)
+        raise_if_disk_full(e, what or path.name, path)
         raise
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """Write ``obj`` as JSON (indented, a final newline) through :func:`atomic_write`."""
+    text = (json.dumps(obj, indent=2) + "\n").encode()  # serialised first: an unserialisable obj writes nothing
+    atomic_write(path, lambda f: f.write(text))
 
 
 def replace_dir(src: str | Path, dst: str | Path) -> None:
