@@ -174,6 +174,50 @@ def test_lightning_fit_draws_fresh_windows_each_epoch(token_store, data_root):
         torch.testing.assert_close(seen, torch.from_numpy(np.stack([train[s : s + 33] for s in starts])))
 
 
+@pytest.mark.parametrize(("resume_at", "train_windows", "limit", "accum"), [
+    (2, 8, 1.0, 1), (3, 8, 1.0, 1), (4, 8, 1.0, 1),  # the end of epoch 0 (2 batches an epoch), inside 1, its end
+    (2, 16, 3, 1), (4, 16, 3, 1), (4, 16, 0.75, 1),  # limit_train_batches: 3 of 4 batches an epoch
+    (1, 12, 1.0, 2), (2, 12, 1.0, 2), (3, 12, 1.0, 2)])  # 3 batches an epoch, 2 per step: 2 steps an epoch
+def test_a_resume_trains_on_the_uninterrupted_runs_windows(token_store, data_root, tmp_path, resume_at,
+                                                           train_windows, limit, accum):
+    """Resumed from a checkpoint inside an epoch or on an epoch's last batch (also with limit_train_batches, and
+    with an accumulation that does not divide the epoch), the run sees the windows the uninterrupted one saw from
+    that step on: no window of the finished part again, none left out."""
+    import lightning as L
+
+    class Recorder(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+            self.seen: dict[tuple[int, int], torch.Tensor] = {}
+
+        def training_step(self, batch, batch_idx):
+            self.seen[(self.current_epoch, batch_idx)] = batch.clone()
+            return self.w.square()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def fit(ckpt_path=None):
+        dm = TokenDataModule(str(data_root), n_ctx=32, batch_size=4, seed=3, store_dir=str(token_store),
+                             train_windows=train_windows)
+        model = Recorder()
+        ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_top_k=-1,
+                                                   filename="{step}")
+        L.Trainer(max_steps=6, accelerator="cpu", logger=False, enable_progress_bar=False, callbacks=[ckpt],
+                  enable_model_summary=False, limit_val_batches=0, limit_train_batches=limit,
+                  accumulate_grad_batches=accum).fit(model, datamodule=dm, ckpt_path=ckpt_path)
+        return model.seen
+
+    whole = fit()
+    resumed = fit(str(tmp_path / f"step={resume_at}.ckpt"))
+    order = list(whole)
+    first = order.index(next(iter(resumed)))
+    assert list(resumed) == order[first:] and first > 0
+    for key in resumed:
+        torch.testing.assert_close(resumed[key], whole[key], msg=f"epoch, batch {key}")
+
+
 def test_val_windows_never_overlap_train(token_store, data_root):
     """No held-out window shares a 16-token span with the train split (documents are split, not windows)."""
     dm = _dm(token_store, data_root, val_windows=None)

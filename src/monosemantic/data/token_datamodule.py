@@ -171,19 +171,39 @@ class TokenDataModule(L.LightningDataModule):
         return self._loader(self.train_set, self.train_sampler)
 
     def _batches_per_epoch(self, trainer) -> int:
+        """Training batches in one epoch on this rank, as Lightning counts them (``limit_train_batches``: an
+        int caps the count, a fraction scales it)."""
         per_rank = -(-len(self.train_sampler) // int(trainer.world_size))  # DistributedSampler pads to equal
-        return max(1, -(-per_rank // self.hparams.batch_size))
+        n = max(1, -(-per_rank // self.hparams.batch_size))
+        limit = getattr(trainer, "limit_train_batches", None)
+        if isinstance(limit, int):
+            n = min(n, limit)
+        elif limit is not None:
+            n = int(n * float(limit))
+        return max(1, n)
 
     def state_dict(self) -> dict[str, Any]:
-        """Saved in checkpoints: the batches trained on (optimizer steps × accumulation). A resume inside an
-        epoch leaves the windows of that epoch already trained on out of its draw, so a killed run resumed with
-        ``ckpt_path=last`` trains on exactly the windows the uninterrupted one does (Lightning itself would
-        restart the epoch's loader from its first batch)."""
+        """Saved in checkpoints: the optimizer steps and the accumulation. A resume inside an epoch leaves the
+        windows of that epoch already trained on out of its draw, so a killed run resumed with ``ckpt_path=last``
+        trains on exactly the windows the uninterrupted one does (Lightning itself would restart the epoch's
+        loader from its first batch). ``train_batches`` (steps × accumulation) is what versions before
+        2026-12-04 wrote, and all they are resumed by."""
         trainer = getattr(self, "trainer", None)
         if trainer is None:
             return {}
         return {"train_batches": int(trainer.global_step) * int(trainer.accumulate_grad_batches),
+                "global_step": int(trainer.global_step), "accumulate": int(trainer.accumulate_grad_batches),
                 "batch_size": int(self.hparams.batch_size), "world_size": int(trainer.world_size)}
+
+    def _done_in_epoch(self, state_dict: dict[str, Any], trainer) -> int:
+        """Batches of the current epoch trained on at the checkpoint. Lightning steps the optimizer every
+        ``accumulate`` batches and at an epoch's end, so an epoch of n batches is ⌈n / accumulate⌉ steps."""
+        per_epoch = self._batches_per_epoch(trainer)
+        if "global_step" not in state_dict:  # an older checkpoint: right when accumulate divides the epoch
+            return int(state_dict["train_batches"]) % per_epoch
+        accumulate = int(state_dict["accumulate"])
+        steps_per_epoch = -(-per_epoch // accumulate)
+        return min(per_epoch, (int(state_dict["global_step"]) % steps_per_epoch) * accumulate)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict or self.train_sampler is None:
@@ -200,7 +220,7 @@ class TokenDataModule(L.LightningDataModule):
             log.warning("resuming a multi-rank transformer run inside an epoch: the rest of this epoch's windows "
                         "is drawn again from its start (the exact skip is single-process only)")
             return
-        done = int(state_dict["train_batches"]) % self._batches_per_epoch(trainer)
+        done = self._done_in_epoch(state_dict, trainer)
         self.train_sampler.skip_next = done * self.hparams.batch_size  # the starts already trained on
 
     def val_dataloader(self) -> DataLoader:
