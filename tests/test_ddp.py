@@ -30,6 +30,9 @@ def test_transformer_ddp_sim(token_store, data_root, tmp_path):
     assert (tmp_path / "export" / "model.safetensors").is_file()
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
     assert not list(tmp_path.glob("*/.hydra/config.yaml"))
+    # each rank's random state, gathered when the checkpoint was written (every rank has the run's seed)
+    rng = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["rng_states"]
+    assert len(rng) == 2 and all(r["torch"].dtype == torch.uint8 and len(r["python"][1]) == 625 for r in rng)
 
 
 @pytest.mark.slow
