@@ -47,10 +47,11 @@ def _run(args, run_dir, data_dir) -> None:
 
 
 def _run_and_kill(args, run_dir, data_dir, marker: Path) -> None:
-    """Start the run, wait until it has reached the moment the plugin marks, SIGKILL it."""
+    """Start the run, wait until it has reached the moment the plugin marks, SIGKILL it (with every process it
+    started: a DDP run's other ranks are its children, in its session)."""
     err = open(run_dir.parent / f"{run_dir.name}.stderr", "wb")  # a file: a full pipe would block the child
     proc = subprocess.Popen(_command(args, run_dir, data_dir), stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT,
-                            env=_env())
+                            env=_env(), start_new_session=True)
     deadline = time.time() + 600
     while not marker.exists():
         if proc.poll() is not None:
@@ -59,7 +60,7 @@ def _run_and_kill(args, run_dir, data_dir, marker: Path) -> None:
             proc.kill()
             raise AssertionError("the run never reached the moment of the kill")
         time.sleep(0.1)
-    os.kill(proc.pid, signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
     err.close()
@@ -94,6 +95,23 @@ def test_an_sae_run_killed_mid_step_resumes_to_the_uninterrupted_result(tiny_sha
     ck = torch.load(ckpts / "last.ckpt", weights_only=True)
     (state,) = [v for k, v in ck["callbacks"].items() if k.startswith("NeuronResampler")]
     assert state["done_steps"] == [3, 6]
+
+
+def test_a_ddp_sae_run_killed_mid_step_resumes_to_the_uninterrupted_result(tiny_shards, tmp_path):
+    """Two ranks (trainer=ddp_sim, gloo), both SIGKILLed at step 5 between backward and optimizer step, resumed
+    with ckpt_path=last on two ranks: each rank's stream continues where it was, so the SAE ends where the
+    uninterrupted two-rank run does."""
+    args = [*SAE, f"data.shards={tiny_shards}", "trainer=ddp_sim", "trainer.max_steps=8"]
+    _run(args, tmp_path / "straight", tmp_path / "data")
+    marker = tmp_path / "at_step_5"
+    _run_and_kill([*args, "+callbacks.pause._target_=kill_helpers.PauseMidStep", "+callbacks.pause.step=5",
+                   f"+callbacks.pause.marker={marker}"], tmp_path / "killed", tmp_path / "data", marker)
+    ckpts = tmp_path / "killed" / "checkpoints"
+    ck = torch.load(ckpts / "last.ckpt", weights_only=True)
+    assert ck["global_step"] == 4 and len(ck["rng_states"]) == 2
+    _run([*args, "ckpt_path=last"], tmp_path / "killed", tmp_path / "data")
+    assert torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"] == 8
+    _assert_same_params(tmp_path / "straight" / "checkpoints" / "last.ckpt", ckpts / "last.ckpt")
 
 
 def test_a_transformer_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(tmp_path):
