@@ -165,3 +165,29 @@ def test_sae_lens_reconstructs_every_exported_architecture_as_we_do(architecture
     assert (mine.feats > 0).any()
     torch.testing.assert_close(mine.x_hat, trained_space, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(saelens.reconstruct(theirs, x), mine.x_hat, atol=1e-5, rtol=1e-5)
+
+
+def test_the_frontier_bench_trains_ours_and_saelens_side_by_side(tiny_shards, tmp_path):
+    """bench/bench_saelens.py at a tiny size: our recipe through src/train.py and SAELens's StandardTrainingSAE
+    through its own SAETrainer, saved at two budgets from one run, both scored by src/eval.py on the same shard."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    out = tmp_path / "frontier"
+    cmd = [sys.executable, "bench/bench_saelens.py", "--shards", str(tiny_shards), "--steps", "20", "40",
+           "--ours-l1", "0.01", "--saelens-l1", "1.0", "--d-sae", "32", "--batch-size", "32", "--lr-windows", "2",
+           "--out", str(out), "--saelens-python", sys.executable, "--ours-extra", "data.buffer_tokens=128",
+           "model.b_dec_init_tokens=64", "final_eval_lr_windows=2", "data.lr_windows=2"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = json.loads((out / "frontier.json").read_text())["rows"]
+    assert sorted((row["library"].split()[0], row["steps"]) for row in rows) == [
+        ("SAELens", 20), ("SAELens", 40), ("ours", 20), ("ours", 40)]
+    for row in rows:
+        assert 0 < row["l0"] <= 32 and np.isfinite(row["loss_recovered"]) and 0 <= row["dead_frac"] <= 1, row
+    saelens_cfg = json.loads((out / "saelens" / "l1_1" / "steps_40" / "cfg.json").read_text())
+    assert saelens_cfg["d_sae"] == 32 and saelens_cfg.get("architecture", "standard") == "standard"
+    assert (out / "frontier.png").stat().st_size > 10_000
+    assert "| SAELens standard |" in (out / "frontier.md").read_text()
