@@ -14,6 +14,7 @@ decays over the last 20%, so each budget is its own run). Every SAE is then scor
 same held-out shard and the same loss-recovered windows. λ is in each library's own units (SAELens sums the
 squared error over dimensions, we average it: λ_SAELens ≈ d_in·λ_ours).
 
+Run again with the same ``--out``, it keeps our runs that finished (their ``metrics.json``) and trains the rest.
 Writes ``frontier.md``, ``frontier.json`` and ``frontier.png`` (L0, log axis, against loss recovered; one
 panel per budget) in ``--out``.
 """
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -117,7 +119,8 @@ def main() -> None:
     rows: list[dict] = []
 
     def add(lib: str, l1: float, steps: int, export: Path, train_s: float) -> None:
-        m = evaluate(export, a.shards, a.lr_windows, out / f"eval_{lib}_{l1:g}_{steps}.log")
+        slug = re.sub(r"[^A-Za-z0-9.=_-]+", "_", lib).strip("_")
+        m = evaluate(export, a.shards, a.lr_windows, out / f"eval_{slug}_{l1:g}_{steps}.log")
         rows.append({"library": lib, "l1_coeff": l1, "steps": steps, "tokens": steps * a.batch_size,
                      "export": str(export), "train_s": train_s,
                      **{k: m.get(k) for k in ("l0", "loss_recovered", "explained_variance", "dead_frac", "mse")}})
@@ -130,16 +133,20 @@ def main() -> None:
         for steps in a.steps:
             run_dir = out / "ours" / f"{knob}_{value:g}_steps_{steps}"
             t0 = time.time()
-            run([sys.executable, "src/train.py", f"experiment={a.ours}", f"data.shards={a.shards}", "logger=csv",
-                 f"hydra.run.dir={run_dir}", f"model.{knob}={value}", f"model.d_sae={a.d_sae}",
-                 f"scale.sae.batch_size={a.batch_size}", f"seed={a.seed}",
-                 *demo_schedule(steps, a.batch_size, tuple(a.ours_resample)), *a.ours_extra],
-                out / f"train_ours_{knob}_{value:g}_{steps}.log")
+            if (run_dir / "metrics.json").exists():  # a finished run of an earlier, interrupted call: kept
+                print(f"kept {run_dir} (finished before)", flush=True)
+            else:
+                run([sys.executable, "src/train.py", f"experiment={a.ours}", f"data.shards={a.shards}", "logger=csv",
+                     f"hydra.run.dir={run_dir}", f"model.{knob}={value}", f"model.d_sae={a.d_sae}",
+                     f"scale.sae.batch_size={a.batch_size}", f"seed={a.seed}",
+                     *demo_schedule(steps, a.batch_size, tuple(a.ours_resample)), *a.ours_extra],
+                    out / f"train_ours_{knob}_{value:g}_{steps}.log")
             final = json.loads((run_dir / "metrics.json").read_text())
+            train_s = final.get("timings_s", {}).get("train SAE", time.time() - t0)
             fracs = "/".join(f"{f:.0%}" for f in a.ours_resample)
             label = " ".join([a.ours, *(["model.target_l0=<L0>"] if knob == "target_l0" else []), *a.ours_extra,
                               *([f"resampling at {fracs}"] if a.ours_resample != [0.2, 0.35, 0.5] else [])])
-            add(f"ours ({label})", final["l1_coeff"], steps, run_dir / "export", time.time() - t0)
+            add(f"ours ({label})", final["l1_coeff"], steps, run_dir / "export", train_s)
             rows[-1][knob] = value
             write(out, rows, a)
 

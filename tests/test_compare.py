@@ -13,7 +13,7 @@ from conftest import compose_cfg
 from test_dashboard import browser_bin, headless  # noqa: F401  (the fixture, and how to call chromium)
 
 from monosemantic.analysis.matching import CrossCorrelation, best_matches, children, decoder_cosine
-from monosemantic.errors import ConfigError
+from monosemantic.errors import ConfigError, InputError
 from monosemantic.export import export_sae, load_sae
 from monosemantic.stages import compare
 
@@ -115,6 +115,26 @@ def test_splitting_finds_the_copies_and_the_splits(split_series, tmp_path):
     alive = [r["feature"] for r in pair["features"]]
     assert pair["children"]["share_split"] == pytest.approx(sum(f < 32 for f in alive) / len(alive))
     assert pair["feature_best_cosine"]["median"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_feature_ids_open_each_saes_browser(split_series, tmp_path):
+    """With ``browsers=`` every id on the page links to that feature's page in its own SAE's browser (the
+    browser's ``#features/<id>`` route), by a path relative to the page; a folder with no browser is named."""
+    small, large, _ = split_series
+    for name in ("dash_small", "dash_large"):
+        (tmp_path / name / "browser").mkdir(parents=True)
+        (tmp_path / name / "browser" / "index.html").write_text("<!doctype html>")
+    out, browsers = tmp_path / "out", f"browsers=[{tmp_path / 'dash_small'},{tmp_path / 'dash_large'}]"
+    compare.run(compose_cfg("compare", [f"saes=[{small},{large}]", "n_tokens=20000", "progress=false",
+                                        "min_fires=5", browsers, f"output={out}"], tmp_path))
+    page = (out / "compare.html").read_text()
+    row = json.loads((out / "compare.json").read_text())["pairs"][0]["features"][0]
+    assert f"<a href='../dash_small/browser/index.html#features/{row['feature']}'>#{row['feature']}</a>" in page
+    g = row["by_cosine"][0][0]
+    assert f"<a href='../dash_large/browser/index.html#features/{g}'>#{g}</a>" in page
+    with pytest.raises(InputError, match=r"browsers: .*nowhere holds no feature browser"):
+        compare.run(compose_cfg("compare", [f"saes=[{small},{large}]", f"browsers=[{tmp_path / 'nowhere'},null]"],
+                                tmp_path))
 
 
 @pytest.mark.slow

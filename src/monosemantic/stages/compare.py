@@ -9,13 +9,15 @@
 
 Writes ``compare.json`` (summaries and, for each pair, the smaller SAE's per-feature neighbours),
 ``compare.png`` and ``compare.html`` (the neighbours as a table, sorted by how far each feature split) in the
-run folder.
+run folder. With ``browsers=`` (one ``src/dashboard.py`` run folder per SAE) every feature id on the page opens
+that feature's page in its SAE's feature browser.
 """
 
 from __future__ import annotations
 
 import html
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -29,7 +31,7 @@ from monosemantic.analysis.browser import token_strings, unit_label
 from monosemantic.analysis.collect import token_windows
 from monosemantic.analysis.matching import CrossCorrelation, best_matches, children, decoder_cosine, summary
 from monosemantic.analysis.topk import GroupTopK
-from monosemantic.errors import ConfigError
+from monosemantic.errors import ConfigError, InputError
 from monosemantic.stages.inputs import ReadingInputs, load_inputs, read_text
 from monosemantic.utils.io import write_json_atomic
 
@@ -86,6 +88,7 @@ def run(cfg: DictConfig) -> dict:
         raise ConfigError(f"saes={paths}: name at least two SAE exports (or .ckpt files) to compare")
     shards = _listed(cfg.shards, len(paths), "shards")
     transformers = _listed(cfg.transformers, len(paths), "transformers")
+    browsers = [browser_index(b) if b else None for b in _listed(cfg.get("browsers"), len(paths), "browsers")]
     inputs: list[ReadingInputs] = [load_inputs(str(p), cfg.paths.log_dir, s, t, cfg.token_store, cfg.device)
                                    for p, s, t in zip(paths, shards, transformers)]
     vocab_sizes = {inp.transformer.cfg.vocab_size for inp in inputs}
@@ -189,7 +192,8 @@ def run(cfg: DictConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     fig = comparison_figure(figure_rows, float(cfg.split_cosine))
     fig.savefig(out / "compare.png", dpi=110)
-    (out / "compare.html").write_text(comparison_html(result, names))
+    links = [os.path.relpath(b, out.resolve()) if b else None for b in browsers]
+    (out / "compare.html").write_text(comparison_html(result, names, links))
     result["pass_seconds"] = round(pass_s, 1)
     result["wall_seconds"] = round(time.time() - start, 1)
     write_json_atomic(out / "compare.json", result)
@@ -233,9 +237,29 @@ def comparison_figure(rows: list[dict], split_cosine: float) -> Figure:
     return fig
 
 
-def comparison_html(result: dict, names: list[str], max_rows: int = 500) -> str:
-    """A static page per pair: the smaller SAE's features (most split first), each with its neighbours."""
+def browser_index(path: str | Path) -> Path:
+    """The ``index.html`` of a feature browser (``src/dashboard.py``'s ``browser/`` folder, the dashboard run
+    folder above it, or the file itself), absolute."""
+    p = Path(path)
+    for cand in (p, p / "index.html", p / "browser" / "index.html"):
+        if cand.is_file() and cand.name == "index.html":
+            return cand.resolve()
+    raise InputError(f"browsers: {p} holds no feature browser (index.html, or browser/index.html): run "
+                     f"`python src/dashboard.py ckpt_path=<that SAE>` and pass its run folder")
+
+
+def comparison_html(result: dict, names: list[str], links: list[str | None] | None = None,
+                    max_rows: int = 500) -> str:
+    """A static page per pair: the smaller SAE's features (most split first), each with its neighbours. With
+    ``links`` (one feature browser's ``index.html`` per SAE, relative to the page, or None), every feature id
+    opens that feature's page in its SAE's browser."""
     esc = html.escape
+    links = links or [None] * len(names)
+
+    def fid(sae: int, f: int) -> str:
+        href = links[sae]
+        return f"<a href='{esc(href)}#features/{f}'>#{f}</a>" if href else f"#{f}"
+
     parts = ["<!doctype html><meta charset='utf-8'><title>monosemantic: compare</title>",
              "<style>body{font:13px system-ui,sans-serif;margin:1.5em}table{border-collapse:collapse}"
              "td,th{border-bottom:1px solid #ddd;padding:2px 8px;vertical-align:top}th{text-align:left}"
@@ -250,9 +274,9 @@ def comparison_html(result: dict, names: list[str], max_rows: int = 500) -> str:
                                                   else []) + ["by activation correlation"]
         parts.append("<table><tr>" + "".join(f"<th>{c}</th>" for c in cells) + "</tr>")
         for r in rows[:max_rows]:
-            def nb(items):
-                return "<br>".join(f"#{g} <b>{v:.3f}</b> <code>{esc(lab)}</code>" for g, v, lab in items)
-            tds = [f"#{r['feature']}", f"<code>{esc(r['label'])}</code>", str(r["fires"])]
+            def nb(items, sae=pair["b"]):
+                return "<br>".join(f"{fid(sae, g)} <b>{v:.3f}</b> <code>{esc(lab)}</code>" for g, v, lab in items)
+            tds = [fid(pair["a"], r["feature"]), f"<code>{esc(r['label'])}</code>", str(r["fires"])]
             if pair["same_transformer"]:
                 tds += [str(r["children"]), nb(r["by_cosine"])]
             tds.append(nb(r["by_correlation"]))
