@@ -159,6 +159,14 @@ def test_aux_k_uses_dead_latents_only():
     assert (m.sae.W_enc.grad[:, alive] == 0).all() and (m.sae.W_dec.grad[alive] == 0).all()
     assert (m.sae.b_enc.grad[alive] == 0).all()
     assert m.sae.W_enc.grad[:, dead].abs().sum() > 0
+    # normalised as Gao et al. weight it: × E[x²] / E[e²], both held fixed (the gradient still reaches dead only)
+    m.hparams.aux_k_normalize = True
+    e = (x - x_hat).detach()
+    scaled = m.aux_k_loss(x, x_hat)
+    torch.testing.assert_close(scaled, 0.5 * F.mse_loss(e_hat, e) * x.square().mean() / e.square().mean())
+    m.sae.zero_grad()
+    scaled.backward()
+    assert (m.sae.W_dec.grad[alive] == 0).all() and m.sae.W_dec.grad[dead].abs().sum() > 0
     # nothing dead: no AuxK term at all
     m.tokens_since_fired.zero_()
     assert m.aux_k_loss(x, x_hat) is None

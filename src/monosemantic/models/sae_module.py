@@ -84,6 +84,7 @@ class SAEModule(L.LightningModule):
                  tied_init: bool = True, sparse_step: bool = True, sparse_max_density: float | None = None,
                  metrics: Callable[..., nn.Module] | None = None, architecture: str = "standard",
                  k: int | None = None, aux_k_coeff: float = 0.0, aux_k: int | None = None,
+                 aux_k_normalize: bool = False,
                  aux_dead_tokens: int | None = None, batchtopk_threshold_lr: float | None = None,
                  jumprelu_bandwidth: float | None = None, jumprelu_init_threshold: float | None = None,
                  pre_encoder_bias: bool = True, normalize_decoder: bool = True,
@@ -119,6 +120,9 @@ class SAEModule(L.LightningModule):
             aux_k_coeff: weight of the AuxK loss (Gao et al., 2024): the dead latents' top ``aux_k``
                 pre-activations reconstruct the residual ``x − x̂``, so dead latents get gradient (0: off).
             aux_k: dead latents per input in AuxK (None: d_in / 2, the paper's heuristic).
+            aux_k_normalize: scale the AuxK error by E[x²] / E[e²] (detached), which is Gao et al.'s weighting
+                (their loss and AuxK are each normalised: by ‖x‖² and by ‖e‖²) on our plain-MSE loss; the same
+                ``aux_k_coeff`` is then about 1 / (1 − explained variance) times stronger than without it.
             aux_dead_tokens: a latent silent for this many tokens is dead for AuxK (None: dead_window_tokens).
             batchtopk_threshold_lr: EMA rate of BatchTopK's inference threshold (None: 0.01).
             jumprelu_bandwidth, jumprelu_init_threshold: JumpReLU's straight-through kernel width and
@@ -236,9 +240,9 @@ class SAEModule(L.LightningModule):
     def aux_k_loss(self, x_BM: torch.Tensor, x_hat_BM: torch.Tensor) -> torch.Tensor | None:
         """AuxK (Gao et al., 2024, appendix A.2): the residual ``e = x − x̂`` (no gradient) is reconstructed from
         the dead latents alone, ``ê = TopK_aux(pre_dead) W_dec[dead]``, and ``‖ê − e‖²`` (mean over elements,
-        like our MSE; Gao et al. normalise by the residual's variance instead, so the same ``aux_k_coeff`` is
-        weaker here) joins the loss. Only dead latents' pre-activations are
-        computed, so live latents get no gradient from it; None when nothing is dead or it is off."""
+        like our MSE; with ``aux_k_normalize`` times E[x²] / E[e²], Gao et al.'s weighting relative to the main
+        loss) joins the loss. Only dead latents' pre-activations are computed, so live latents get no gradient
+        from it; None when nothing is dead or it is off."""
         coeff = self.hparams.aux_k_coeff
         if not coeff:
             return None
@@ -251,7 +255,11 @@ class SAEModule(L.LightningModule):
         pre_BD = sae.encoder_input(x_BM.float()) @ sae.W_enc[:, dead_D] + sae.b_enc[dead_D]
         vals_BK, idx_BK = pre_BD.topk(k_aux, dim=-1, sorted=False)
         e_hat_BM = torch.zeros_like(pre_BD).scatter(-1, idx_BK, F.relu(vals_BK)) @ sae.W_dec[dead_D]
-        return coeff * F.mse_loss(e_hat_BM, (x_BM.float() - x_hat_BM.float()).detach())
+        e_BM = (x_BM.float() - x_hat_BM.float()).detach()
+        aux = F.mse_loss(e_hat_BM, e_BM)
+        if self.hparams.get("aux_k_normalize"):
+            aux = aux * (x_BM.float().square().mean() / e_BM.square().mean().clamp_min(1e-12)).detach()
+        return coeff * aux
 
     def train_loss(self, x_BM: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         """One step's loss on a batch and what it logs; updates the firing counters. ``training_step`` logs
