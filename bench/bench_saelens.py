@@ -14,7 +14,7 @@ decays over the last 20%, so each budget is its own run). Every SAE is then scor
 same held-out shard and the same loss-recovered windows. λ is in each library's own units (SAELens sums the
 squared error over dimensions, we average it: λ_SAELens ≈ d_in·λ_ours).
 
-Run again with the same ``--out``, it keeps our runs that finished (their ``metrics.json``) and trains the rest.
+Run again with the same ``--out``, it keeps the runs and scores that finished and does the rest.
 Writes ``frontier.md``, ``frontier.json`` and ``frontier.png`` (L0, log axis, against loss recovered; one
 panel per budget) in ``--out``.
 """
@@ -84,9 +84,11 @@ def saelens_worker(a: argparse.Namespace) -> None:
 
 # ---- the driver ---------------------------------------------------------------------------------------------
 def evaluate(export: Path, shards: str, lr_windows: int, log: Path) -> dict:
-    run([sys.executable, "src/eval.py", f"ckpt_path={export}", f"shards={shards}", "val_shards=1",
-         f"lr_windows={lr_windows}", f"output={export / 'bench_eval.json'}"], log)
-    return json.loads((export / "bench_eval.json").read_text())
+    out = export / f"bench_eval_{lr_windows}.json"
+    if not out.exists():  # scored before by an interrupted call with the same --out: kept
+        run([sys.executable, "src/eval.py", f"ckpt_path={export}", f"shards={shards}", "val_shards=1",
+             f"lr_windows={lr_windows}", f"output={out}"], log)
+    return json.loads(out.read_text())
 
 
 def main() -> None:
@@ -153,11 +155,16 @@ def main() -> None:
     for l1 in a.saelens_l1:
         wdir = out / "saelens" / f"l1_{l1:g}"
         t0 = time.time()
-        run([str(a.saelens_python), __file__, "--saelens-worker", "--shards", a.shards, "--l1", str(l1),
-             "--steps", *map(str, a.steps), "--d-sae", str(a.d_sae), "--batch-size", str(a.batch_size),
-             "--seed", str(a.seed), "--out", str(wdir)], out / f"train_saelens_{l1:g}.log")
+        timing = wdir / "train_s.json"
+        if all((wdir / f"steps_{n}" / "cfg.json").exists() for n in a.steps) and timing.exists():
+            print(f"kept {wdir} (finished before)", flush=True)
+        else:
+            run([str(a.saelens_python), __file__, "--saelens-worker", "--shards", a.shards, "--l1", str(l1),
+                 "--steps", *map(str, a.steps), "--d-sae", str(a.d_sae), "--batch-size", str(a.batch_size),
+                 "--seed", str(a.seed), "--out", str(wdir)], out / f"train_saelens_{l1:g}.log")
+            timing.write_text(json.dumps({"train_s": time.time() - t0}))
         for steps in a.steps:
-            add("SAELens standard", l1, steps, wdir / f"steps_{steps}", time.time() - t0)
+            add("SAELens standard", l1, steps, wdir / f"steps_{steps}", json.loads(timing.read_text())["train_s"])
 
 
 def demo_schedule(steps: int, batch_size: int, resample_fracs: tuple[float, ...] = (0.2, 0.35, 0.5)) -> list[str]:
@@ -200,9 +207,9 @@ def write(out: Path, rows: list[dict], a: argparse.Namespace) -> None:
         ax.set_title(f"{steps} steps × {a.batch_size:,} = {steps * a.batch_size / 1e6:.1f}M activations")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("loss recovered (held out)")
-    axes[0][-1].legend(fontsize=8, loc="lower right")
+    axes[0][-1].legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16))  # below: no point hidden
     fig.tight_layout()
-    fig.savefig(out / "frontier.png", dpi=120)
+    fig.savefig(out / "frontier.png", dpi=120, bbox_inches="tight")
     plt.close(fig)
     print(f"table: {out / 'frontier.md'}", flush=True)
 
