@@ -120,11 +120,11 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
 
-    def add(lib: str, l1: float, steps: int, export: Path, train_s: float) -> None:
+    def add(lib: str, l1: float, steps: int, export: Path, train_s: float, **extra) -> None:
         slug = re.sub(r"[^A-Za-z0-9.=_-]+", "_", lib).strip("_")
         m = evaluate(export, a.shards, a.lr_windows, out / f"eval_{slug}_{l1:g}_{steps}.log")
         rows.append({"library": lib, "l1_coeff": l1, "steps": steps, "tokens": steps * a.batch_size,
-                     "export": str(export), "train_s": train_s,
+                     "export": str(export), "train_s": train_s, **extra,
                      **{k: m.get(k) for k in ("l0", "loss_recovered", "explained_variance", "dead_frac", "mse")}})
         print(json.dumps(rows[-1]), flush=True)
         write(out, rows, a)
@@ -148,9 +148,7 @@ def main() -> None:
             fracs = "/".join(f"{f:.0%}" for f in a.ours_resample)
             label = " ".join([a.ours, *(["model.target_l0=<L0>"] if knob == "target_l0" else []), *a.ours_extra,
                               *([f"resampling at {fracs}"] if a.ours_resample != [0.2, 0.35, 0.5] else [])])
-            add(f"ours ({label})", final["l1_coeff"], steps, run_dir / "export", train_s)
-            rows[-1][knob] = value
-            write(out, rows, a)
+            add(f"ours ({label})", final["l1_coeff"], steps, run_dir / "export", train_s, **{knob: value})
 
     for l1 in a.saelens_l1:
         wdir = out / "saelens" / f"l1_{l1:g}"

@@ -37,13 +37,18 @@ log = logging.getLogger(__name__)
 STREAM_STATE = "chunked-v2"
 
 
+def stream_batches(trainer) -> int:
+    """The training stream's index of the batch being trained on (one batch per micro-step): optimizer steps ×
+    gradient accumulation. A batch ``model.nonfinite=skip`` drops counts as a step too (Lightning advances the
+    step and the schedule; no parameter moves), so the checkpointed position stays right."""
+    return int(trainer.global_step) * int(trainer.accumulate_grad_batches)
+
+
 def stream_state(trainer, resume_batches: int, num_workers: int) -> dict:
     """A datamodule's checkpoint state: the batches this rank has trained on, the stream layout, and how many
     stream slots (ranks × DataLoader workers) split the units: the position means the same only for as many."""
     world = int(trainer.world_size) if trainer is not None else 1
-    # one batch per micro-step: optimizer steps × gradient accumulation
-    batches = int(trainer.global_step) * int(trainer.accumulate_grad_batches) if trainer is not None else None
-    return {"train_batches": batches if batches is not None else resume_batches,
+    return {"train_batches": stream_batches(trainer) if trainer is not None else resume_batches,
             "stream": STREAM_STATE, "slots": world * max(1, num_workers)}
 
 

@@ -14,6 +14,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from monosemantic.data.chunks import stream_batches
 from monosemantic.data.corpus import CorpusConfig
 from monosemantic.data.token_store import build_token_store, load_split, read_meta
 from monosemantic.data.tokenizer import TokenizerConfig, load_tokenizer
@@ -191,7 +192,7 @@ class TokenDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         if trainer is None:
             return {}
-        return {"train_batches": int(trainer.global_step) * int(trainer.accumulate_grad_batches),
+        return {"train_batches": stream_batches(trainer),
                 "global_step": int(trainer.global_step), "accumulate": int(trainer.accumulate_grad_batches),
                 "batch_size": int(self.hparams.batch_size), "world_size": int(trainer.world_size)}
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from monosemantic.data.chunks import stream_batches
 from monosemantic.errors import ConfigError, NonFiniteError
 
 log = logging.getLogger(__name__)
@@ -59,13 +60,6 @@ def batch_source(trainer, stream_batch: int) -> str:
         return describe(stream_batch)
     except Exception as e:  # the description is a courtesy: never hide the error it is part of
         return f"training batch {stream_batch} (its source could not be worked out: {e})"
-
-
-def stream_batches(trainer) -> int:
-    """The training stream's index of the batch being trained on: optimizer steps × accumulation. A batch
-    ``model.nonfinite=skip`` drops counts as a step too (Lightning advances the step and the schedule; no
-    parameter moves), so the stream's checkpointed position stays right."""
-    return int(trainer.global_step) * int(trainer.accumulate_grad_batches)
 
 
 def all_finite(t: torch.Tensor) -> bool:
