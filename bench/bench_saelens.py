@@ -132,8 +132,12 @@ def main() -> None:
     # ours: a λ sweep, or (--ours-target-l0) a sweep of target L0s, each finding its own λ
     knobs = [("target_l0", t) for t in a.ours_target_l0] or [("l1_coeff", v) for v in a.ours_l1]
     for knob, value in knobs:
+        # the run's name carries what sets it apart, so a rerun with other overrides in the same --out trains anew
+        variant = re.sub(r"[^A-Za-z0-9._-]+", "-", "_".join([  # no '=': Hydra's run dir override would not parse
+            *a.ours_extra, *([f"resample-{'-'.join(f'{f:g}' for f in a.ours_resample)}"]
+                             if a.ours_resample != [0.2, 0.35, 0.5] else [])])).strip("_")
         for steps in a.steps:
-            run_dir = out / "ours" / f"{knob}_{value:g}_steps_{steps}"
+            run_dir = out / "ours" / "_".join(filter(None, [a.ours, variant, f"{knob}_{value:g}_steps_{steps}"]))
             t0 = time.time()
             if (run_dir / "metrics.json").exists():  # a finished run of an earlier, interrupted call: kept
                 print(f"kept {run_dir} (finished before)", flush=True)
@@ -142,7 +146,7 @@ def main() -> None:
                      f"hydra.run.dir={run_dir}", f"model.{knob}={value}", f"model.d_sae={a.d_sae}",
                      f"scale.sae.batch_size={a.batch_size}", f"seed={a.seed}",
                      *demo_schedule(steps, a.batch_size, tuple(a.ours_resample)), *a.ours_extra],
-                    out / f"train_ours_{knob}_{value:g}_{steps}.log")
+                    out / f"train_{run_dir.name}.log")
             final = json.loads((run_dir / "metrics.json").read_text())
             train_s = final.get("timings_s", {}).get("train SAE", time.time() - t0)
             fracs = "/".join(f"{f:.0%}" for f in a.ours_resample)

@@ -84,9 +84,10 @@ class SAEModule(L.LightningModule):
                  tied_init: bool = True, sparse_step: bool = True, sparse_max_density: float | None = None,
                  metrics: Callable[..., nn.Module] | None = None, architecture: str = "standard",
                  k: int | None = None, aux_k_coeff: float = 0.0, aux_k: int | None = None,
-                 aux_k_normalize: bool = False,
+                 aux_k_normalize: bool = False, ghost_grads: bool = False,
                  aux_dead_tokens: int | None = None, batchtopk_threshold_lr: float | None = None,
                  jumprelu_bandwidth: float | None = None, jumprelu_init_threshold: float | None = None,
+                 jumprelu_threshold_lr_scale: float = 1.0,
                  pre_encoder_bias: bool = True, normalize_decoder: bool = True,
                  decoder_init_norm: float | None = None, target_l0: float | None = None,
                  target_l0_until: float = 0.5, target_l0_gain: float = 0.02, target_l0_damping: float = 50.0,
@@ -123,10 +124,17 @@ class SAEModule(L.LightningModule):
             aux_k_normalize: scale the AuxK error by E[x²] / E[e²] (detached), which is Gao et al.'s weighting
                 (their loss and AuxK are each normalised: by ‖x‖² and by ‖e‖²) on our plain-MSE loss; the same
                 ``aux_k_coeff`` is then about 1 / (1 − explained variance) times stronger than without it.
-            aux_dead_tokens: a latent silent for this many tokens is dead for AuxK (None: dead_window_tokens).
+            ghost_grads: Anthropic's ghost grads (Circuits Updates, January 2024) for the ReLU SAE: the dead
+                features' ``exp`` pre-activations reconstruct the residual at half its norm, as an extra MSE
+                rescaled to the main MSE's size (:meth:`ghost_grad_loss`); an alternative to resampling.
+            aux_dead_tokens: a latent silent for this many tokens is dead for AuxK and ghost grads (None:
+                dead_window_tokens).
             batchtopk_threshold_lr: EMA rate of BatchTopK's inference threshold (None: 0.01).
             jumprelu_bandwidth, jumprelu_init_threshold: JumpReLU's straight-through kernel width and
                 starting θ (None: 0.05, 0.01; on normalised activations).
+            jumprelu_threshold_lr_scale: the thresholds' learning rate as a multiple of ``optimizer.lr``: θ is
+                trained in log space, so Adam moves it by about that lr relatively per step, which bounds how
+                far a short run can take it.
             pre_encoder_bias: subtract b_dec before the encoder (the paper; false: Anthropic's later recipe).
             normalize_decoder: unit-norm dictionary rows (the paper); false: free rows, L1 weighted by ‖d_i‖.
             decoder_init_norm: starting row norm when rows are free (None: 1; Anthropic's April update: 0.1).
@@ -163,6 +171,12 @@ class SAEModule(L.LightningModule):
         if b_enc_init_l0 is not None and not (self.sae.uses_penalty and 0 < b_enc_init_l0 < d_sae):
             raise ConfigError(f"model.b_enc_init_l0={b_enc_init_l0} needs a λ-based SAE (not {architecture}) and "
                               f"0 < b_enc_init_l0 < d_sae={d_sae}")
+        if ghost_grads and architecture != "standard":
+            raise ConfigError(f"model.ghost_grads is for the ReLU SAE (architecture standard), not {architecture}: "
+                              "TopK variants have model.aux_k_coeff")
+        if jumprelu_threshold_lr_scale != 1.0 and not (architecture == "jumprelu" and jumprelu_threshold_lr_scale > 0):
+            raise ConfigError(f"model.jumprelu_threshold_lr_scale={jumprelu_threshold_lr_scale} needs "
+                              f"architecture jumprelu (not {architecture}) and a positive value")
         if aux_k_coeff < 0 or (aux_k is not None and aux_k <= 0):
             raise ConfigError(f"model.aux_k_coeff must be >= 0 and model.aux_k positive, got {aux_k_coeff}, {aux_k}")
         # λ in force (target_l0 moves it) and the L0 average that steers it; buffers, so a resume continues them
@@ -237,6 +251,12 @@ class SAEModule(L.LightningModule):
         x_hat, feats, pre = self.sae.forward_train(x_NM)
         return (x_hat - x_NM).pow(2).mean(-1) + self.l1_coeff_now() * self.sae.penalty(pre, feats)
 
+    def dead_latents(self) -> torch.Tensor:
+        """Indices of the features silent for ``aux_dead_tokens`` (else ``dead_window_tokens``) tokens: the ones
+        AuxK and ghost grads train."""
+        window = self.hparams.aux_dead_tokens or self.hparams.dead_window_tokens
+        return (self.tokens_since_fired >= window).nonzero().squeeze(1)
+
     def aux_k_loss(self, x_BM: torch.Tensor, x_hat_BM: torch.Tensor) -> torch.Tensor | None:
         """AuxK (Gao et al., 2024, appendix A.2): the residual ``e = x − x̂`` (no gradient) is reconstructed from
         the dead latents alone, ``ê = TopK_aux(pre_dead) W_dec[dead]``, and ``‖ê − e‖²`` (mean over elements,
@@ -246,8 +266,7 @@ class SAEModule(L.LightningModule):
         coeff = self.hparams.aux_k_coeff
         if not coeff:
             return None
-        window = self.hparams.aux_dead_tokens or self.hparams.dead_window_tokens
-        dead_D = (self.tokens_since_fired >= window).nonzero().squeeze(1)
+        dead_D = self.dead_latents()
         if dead_D.numel() == 0:
             return None
         sae = self.sae
@@ -260,6 +279,28 @@ class SAEModule(L.LightningModule):
         if self.hparams.get("aux_k_normalize"):
             aux = aux * (x_BM.float().square().mean() / e_BM.square().mean().clamp_min(1e-12)).detach()
         return coeff * aux
+
+    def ghost_grad_loss(self, x_BM: torch.Tensor, x_hat_BM: torch.Tensor,
+                        mse: torch.Tensor) -> torch.Tensor | None:
+        """Ghost grads (Anthropic, Circuits Updates, January 2024). The dead features' pre-activations pass
+        through ``exp`` instead of ReLU, ``g = exp(pre_dead) W_dec[dead]``; each token's ``g`` is scaled to half
+        the norm of its residual ``e = x − x̂`` (scale and residual held fixed), and ``‖g − e‖²`` (mean over
+        elements) is rescaled to the main MSE's value, so the term weighs as much as the reconstruction
+        whatever its own size. Dead features get a gradient toward the residual though none fires; live ones get
+        none from it. Each row's largest dead pre-activation is subtracted before ``exp``: the norm scaling
+        cancels it exactly, and ``exp`` cannot overflow. None when off or nothing is dead."""
+        if not self.hparams.get("ghost_grads"):
+            return None
+        dead_D = self.dead_latents()
+        if dead_D.numel() == 0:
+            return None
+        sae = self.sae
+        pre_BD = sae.encoder_input(x_BM.float()) @ sae.W_enc[:, dead_D] + sae.b_enc[dead_D]
+        g_BM = torch.exp(pre_BD - pre_BD.detach().amax(-1, keepdim=True)) @ sae.W_dec[dead_D]
+        e_BM = (x_BM.float() - x_hat_BM.float()).detach()
+        scale_B1 = (e_BM.norm(dim=-1, keepdim=True) / (2 * g_BM.detach().norm(dim=-1, keepdim=True).clamp_min(1e-12)))
+        ghost = F.mse_loss(g_BM * scale_B1, e_BM)
+        return ghost * (mse.detach().float() / ghost.detach().clamp_min(1e-12))
 
     def train_loss(self, x_BM: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         """One step's loss on a batch and what it logs; updates the firing counters. ``training_step`` logs
@@ -284,6 +325,9 @@ class SAEModule(L.LightningModule):
         aux = self.aux_k_loss(x_BM, x_hat)
         if aux is not None:
             loss = loss + aux
+        ghost = self.ghost_grad_loss(x_BM, x_hat, mse)
+        if ghost is not None:
+            loss = loss + ghost
         self._loss_finite = guards.all_finite(loss)  # on every rank alike (one scalar all-reduce under DDP)
         if not self._loss_finite:  # a bad batch: the counters and λ are left as they were, on every rank
             return loss, {}
@@ -300,6 +344,8 @@ class SAEModule(L.LightningModule):
                 logs.update({"train/l1": l1.detach(), "train/l1_coeff": self.l1_coeff_now()})
             if aux is not None:
                 logs["train/aux_k_loss"] = aux.detach()
+            if ghost is not None:
+                logs["train/ghost_grad_loss"] = ghost.detach()
             if hasattr(sae, "threshold") and torch.is_tensor(sae.threshold):
                 logs["train/threshold_mean"] = sae.threshold.detach().float().mean()
         return loss, logs
@@ -444,8 +490,19 @@ class SAEModule(L.LightningModule):
 
         return factor
 
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        """The SAE's optimizer: one parameter group, or two when JumpReLU's thresholds have their own lr."""
+        scale = float(self.hparams.get("jumprelu_threshold_lr_scale") or 1.0)
+        theta = getattr(self.sae, "log_threshold", None)
+        if theta is None or scale == 1.0:
+            return self.optimizer_factory(params=self.sae.parameters())
+        rest = [p for n, p in self.sae.named_parameters() if n != "log_threshold"]
+        opt = self.optimizer_factory(params=[{"params": rest}, {"params": [theta]}])
+        opt.param_groups[1]["lr"] *= scale
+        return opt
+
     def configure_optimizers(self):
-        opt = self.optimizer_factory(params=self.sae.parameters())
+        opt = self.build_optimizer()
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_lambda(self.trainer.estimated_stepping_batches))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 

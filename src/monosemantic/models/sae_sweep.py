@@ -136,7 +136,7 @@ class SAESweepModule(L.LightningModule):
             guards.check_parameters(self, ((f"{name}.{n}", p) for n, p in m.sae.named_parameters()))
 
     def configure_optimizers(self):
-        own = [m.optimizer_factory(params=m.sae.parameters()) for m in self.members]
+        own = [m.build_optimizer() for m in self.members]
         kinds = {type(o) for o in own}
         if len(kinds) != 1:
             raise ConfigError(f"the SAEs of one sweep share one optimizer class (each its own settings); got "
