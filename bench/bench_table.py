@@ -14,16 +14,21 @@ another, never side by side (a shared 2-core machine is noisy enough). Rows:
   a trained SAE's sparsity (its L0 is in the table) but is not a trained SAE of that size.
 - **stage**: the whole demo SAE stage, ``src/train.py experiment=sae_4096`` on the demo cache (validation,
   resampling, checkpoints included): training tokens ÷ the stage's "train SAE" time, its peak RSS, and RSS
-  sampled through the run. ``--long``: the same run 4× longer (4 passes), for memory.
+  sampled through the run. ``--long``: the same run 4× longer (4 passes), for memory. ``--stage-sizes``
+  (32,768): the same recipe at those sizes, a quarter of the run (425 steps, its schedule scaled).
 - **reference**: the same stage cut to a quarter (425 steps, its schedule scaled), as shipped (bf16-mixed,
   measured sparse rule) and as the dense fp32 reference (``model.sparse_step=false scale.sae.precision=32-true``),
   same data and seed: the final metrics side by side.
 - **pipeline**: caching vs a bare forward, streamed shards vs in-memory batches (``bench_activations.py``), and
   on-the-fly / cached activations/s vs the SAE step (``bench_onthefly.py``), on the demo transformer.
-- SAELens's own step: not measured here (it lives in a separate environment; see issue 14).
+- **compile**: ``torch.compile`` of the loss forward+backward against eager, on the dense path (fresh init) and
+  on the sparse step (trained init), fp32, with its compile time: whether it pays here.
+- **saelens**: SAELens's own training step (``StandardTrainingSAE`` through its ``SAETrainer._train_step``: its
+  forward, L1 by decoder norm, backward, grad clipping, Adam) at each d_sae, in ``.venv-interop``
+  (``make interop-env``); skipped with a note when that environment is absent.
 
-    make bench                                   # everything: ~45 min on 2 CPU cores; writes bench/results/
-    python bench/bench_table.py --quick          # tiny sizes, every part, a few minutes (what the test runs)
+    make bench                                   # everything: ~80 min on 2 CPU cores; writes bench/results/
+    python bench/bench_table.py --quick          # tiny sizes, every part, a few minutes: a check of the script
     python bench/bench_table.py --parts step,bounds --sizes 4096
 
 Needs the demo cache and transformer (``make train``, or ``--shards``/``--model-dir``) and a demo SAE export
@@ -49,7 +54,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
 
-PARTS = ("bounds", "step", "stage", "reference", "pipeline")
+PARTS = ("bounds", "step", "compile", "saelens", "stage", "reference", "pipeline")
+INTEROP_PYTHON = ROOT / ".venv-interop" / "bin" / "python"
 QUARTER = ["scale.sae.max_steps=425", "scale.sae.resample_steps=[85,149,212]", "scale.sae.l1_warmup_steps=21",
            "scale.sae.dead_window_tokens=139264", "scale.sae.val_check_interval=425"]
 REFERENCE = ["model.sparse_step=false", "scale.sae.precision=32-true"]
@@ -108,10 +114,10 @@ def run_child(cmd: list[str], log: Path, sample_s: float = 5.0) -> dict:
     return {"wall_s": time.perf_counter() - t0, "rss_samples": samples}
 
 
-def run_part(name: str, args: list[str], work: Path, label: str | None = None) -> dict:
+def run_part(name: str, args: list[str], work: Path, label: str | None = None, python: Path | None = None) -> dict:
     label = label or name
     out = work / f"{label}.json"
-    usage = run_child([sys.executable, __file__, "--part", name, "--part-out", str(out), *args],
+    usage = run_child([str(python or sys.executable), __file__, "--part", name, "--part-out", str(out), *args],
                       work / f"{label}.log")
     return {**json.loads(out.read_text()), **usage}
 
@@ -119,16 +125,20 @@ def run_part(name: str, args: list[str], work: Path, label: str | None = None) -
 # ---- the parts (run in the child) ----------------------------------------------------------------------
 
 def trained_init(export: Path, d_sae: int, scale: float) -> dict:
-    """A demo export in the normalised space; tiled (with noise) to ``d_sae`` when that is larger."""
+    """A demo export in the normalised space; tiled (with noise) to ``d_sae`` when that is larger, its first
+    ``d_sae`` features when smaller."""
     import torch
 
     from monosemantic.export import load_sae
 
     sae, _ = load_sae(export)
     state = {k: v * scale if k in ("b_enc", "b_dec") else v for k, v in sae.state_dict().items()}
+    if d_sae < sae.d_sae and sae.d_sae % d_sae == 0:  # smaller: the export's first d_sae features
+        return {k: v[..., :d_sae] if k in ("W_enc", "b_enc") else v[:d_sae] if k == "W_dec" else v
+                for k, v in state.items()}
     reps = d_sae // sae.d_sae
     if reps * sae.d_sae != d_sae:
-        raise SystemExit(f"--init has d_sae {sae.d_sae}; {d_sae} is not a multiple of it")
+        raise SystemExit(f"--init has d_sae {sae.d_sae}; {d_sae} is neither a multiple nor a divisor of it")
     if reps > 1:
         g = torch.Generator().manual_seed(0)
         W_dec = state["W_dec"].repeat(reps, 1)
@@ -186,6 +196,112 @@ def part_step(a) -> dict:
     return res
 
 
+def _median_step_s(step, n: int, warmup: int) -> float:
+    times = []
+    for _ in range(n + warmup):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[warmup:])
+
+
+def _compile_arm(sae, x_BM, l1: float, sparse: bool, steps: int) -> dict:
+    """Eager, then compiled, per-step times of one SAE's loss forward + backward + Adam step on ``x_BM``."""
+    import torch
+    import torch.nn.functional as F
+
+    from monosemantic.models.components.sparse_step import sparse_forward
+
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-5)  # small: the sparsity stays as it started
+
+    def loss_fn(x):
+        if not sparse:
+            x_hat, f, _ = sae.forward_train(x)
+            return F.mse_loss(x_hat, x) + l1 * f.sum(-1).mean()
+        out = sparse_forward(sae, x)
+        return F.mse_loss(out.x_hat, x) + l1 * out.feats.vals.sum() / x.shape[0]
+
+    def step(fn):
+        def go():
+            loss = fn(x_BM)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return go
+
+    res = {"eager_s": _median_step_s(step(loss_fn), steps, 2)}
+    compiled = torch.compile(loss_fn)
+    t0 = time.perf_counter()
+    step(compiled)()
+    res["compile_s"] = time.perf_counter() - t0
+    res["compiled_s"] = _median_step_s(step(compiled), steps, 2)
+    return res
+
+
+def part_compile(a) -> dict:
+    """``torch.compile`` against eager on the same SAE, batch and optimizer: the dense loss (fresh init) and
+    the sparse step (trained init), fp32. The first compiled call's time is the compile cost."""
+    import torch
+
+    from monosemantic.data.activation_datamodule import ActivationDataModule
+    from monosemantic.models.components.sae import SparseAutoencoder
+
+    dm = ActivationDataModule(shards=str(a.shards), batch_size=a.batch, lr_windows=0)
+    dm.setup()
+    d_sae = a.sizes[0]
+    x_BM = dm.sample_activations(a.batch, seed=0)
+    steps = a.steps if d_sae <= 8192 else max(3, a.steps // 4)
+    res: dict = {"d_sae": d_sae, "steps": steps}
+    arms = {"dense": None, **({"sparse": trained_init(a.init, d_sae, dm.scale)} if a.init else {})}
+    for arm, init in arms.items():
+        torch.manual_seed(0)
+        sae = SparseAutoencoder(dm.d_in, d_sae)
+        if init is not None:
+            sae.load_state_dict(init)
+        times = _compile_arm(sae, x_BM, a.l1, arm == "sparse", steps)
+        res.update({f"{arm}_{k}": v for k, v in times.items()})
+        print(f"d_sae {d_sae} {arm}: eager {times['eager_s'] * 1e3:.0f} ms, compiled {times['compiled_s'] * 1e3:.0f} "
+              f"ms (compile {times['compile_s']:.0f} s)", flush=True)
+    return res
+
+
+def _saelens_tokens_per_s(dm, d_sae: int, batch: int, steps: int):
+    """SAELens's ``SAETrainer._train_step`` (its whole step: forward, loss, backward, clipping, Adam, its dead
+    counters) on ``StandardTrainingSAE``, fresh init, fp32: the median step's tokens/s, and the SAE trained."""
+    import torch
+    from sae_lens import StandardTrainingSAE, StandardTrainingSAEConfig
+    from sae_lens.config import SAETrainerConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    torch.manual_seed(0)
+    sae = StandardTrainingSAE(StandardTrainingSAEConfig(d_in=dm.d_in, d_sae=d_sae, l1_coefficient=5.0,
+                                                        dtype="float32", device="cpu"))
+    stream = iter(dm.stream("train"))
+    batches = iter([next(stream).float() for _ in range(steps + 4)])
+    cfg = SAETrainerConfig(total_training_samples=(steps + 4) * batch, train_batch_size_samples=batch,
+                           lr=3e-4, lr_end=3e-5, device="cpu")
+    trainer = SAETrainer(cfg=cfg, sae=sae, data_provider=batches)
+    return batch / _median_step_s(lambda: trainer._train_step(sae, next(batches)), steps, 2), sae
+
+
+def part_saelens(a) -> dict:
+    """SAELens's own training step at each d_sae, fresh init (its step is dense: the same cost from any init),
+    on batches of the same shards (run by the ``.venv-interop`` interpreter)."""
+    import sae_lens
+    import torch
+
+    from monosemantic.data.activation_datamodule import ActivationDataModule
+
+    dm = ActivationDataModule(shards=str(a.shards), batch_size=a.batch, lr_windows=0)
+    dm.setup()
+    rows = []
+    for d_sae in a.sizes:
+        rate, _ = _saelens_tokens_per_s(dm, d_sae, a.batch, a.steps if d_sae <= 8192 else max(3, a.steps // 4))
+        rows.append({"d_sae": d_sae, "tokens_per_s": rate})
+        print(f"SAELens {sae_lens.__version__} d_sae {d_sae}: {rate:,.0f} tok/s", flush=True)
+    return {"rows": rows, "version": sae_lens.__version__, "threads": torch.get_num_threads()}
+
+
 def _train_cmd(a, run_dir: Path, extra: list[str]) -> list[str]:
     return [sys.executable, __file__, "--run-script", str(run_dir.with_suffix(".peak.json")),
             str(ROOT / "src" / "train.py"), "experiment=sae_4096", f"data.shards={a.shards}", "logger=csv",
@@ -195,7 +311,8 @@ def _train_cmd(a, run_dir: Path, extra: list[str]) -> list[str]:
 def stage_result(run_dir: Path, usage: dict) -> dict:
     m = json.loads((run_dir / "metrics.json").read_text())
     train_s = m["timings_s"]["train SAE"]
-    keep = ("mse", "explained_variance", "l0", "dead_frac", "loss_recovered", "kl", "ce_sae", "training_tokens")
+    keep = ("mse", "explained_variance", "l0", "dead_frac", "loss_recovered", "kl", "ce_sae", "training_tokens",
+            "d_sae")
     return {"metrics": {k: m[k] for k in keep if k in m}, "train_s": train_s,
             "tokens_per_s": m["training_tokens"] / train_s, **usage}
 
@@ -254,28 +371,61 @@ def markdown(r: dict) -> str:
         lines += [f"| {b['d_sae']:,} | {b['dtype']} | {b['gflops']:.0f} | {_k(b['dense_bound'])} | "
                   f"{_k(b['sparse_bound'])} |" for b in r["bounds"]["rows"]]
         lines += [""]
+    bound = {(b["d_sae"], b["dtype"]): b for b in r.get("bounds", {}).get("rows", [])}
+    dense = {s["d_sae"]: s["hand_dense_fp32"] for s in r.get("step", []) if "hand_dense_fp32" in s}
     if r.get("step"):
         lines += ["## SAE training step (tokens/s)", "", "| d_sae | init (L0) | Lightning fp32 | Lightning bf16 | "
-                  "hand loop, same rule, fp32 | hand loop, dense fp32 | Lightning bf16 ÷ dense | peak RSS MB |",
-                  "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-        dense = {s["d_sae"]: s["hand_dense_fp32"] for s in r["step"] if "hand_dense_fp32" in s}
+                  "hand loop, same rule, fp32 | hand loop, dense fp32 | Lightning bf16 ÷ dense | Lightning fp32 ÷ "
+                  "its fp32 bound | peak RSS MB |", "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for s in r["step"]:
             init = s["init"] + (f" ({s['init_l0']:.0f})" if "init_l0" in s else "")
             d = dense.get(s["d_sae"])
             ratio = f"{s['lightning_bf16'] / d:.1f}×" if d else "—"
+            # a fresh init trains dense (its bound: 12·d_in·d_sae FLOPs a token), a trained one sparse (2·d_in·d_sae)
+            b = bound.get((s["d_sae"], "fp32"))
+            frac = (f"{s['lightning_fp32'] / b['dense_bound' if s['init'] == 'fresh' else 'sparse_bound']:.2f} "
+                    f"({'dense' if s['init'] == 'fresh' else 'sparse'})") if b else "—"
             lines.append(f"| {s['d_sae']:,} | {init} | {_k(s['lightning_fp32'])} | {_k(s['lightning_bf16'])} | "
-                         f"{_k(s['hand_rule_fp32'])} | {_k(d) if d else '—'} | {ratio} | {s['peak_rss_mb']:,.0f} |")
+                         f"{_k(s['hand_rule_fp32'])} | {_k(d) if d else '—'} | {ratio} | {frac} | "
+                         f"{s['peak_rss_mb']:,.0f} |")
         lines += [""]
+    if r.get("compile"):
+        lines += ["## `torch.compile` (loss forward + backward + Adam, fp32, ms per step)", "",
+                  "| d_sae | path | eager | compiled | eager ÷ compiled | compile s | steps to repay it |",
+                  "| ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+        for c in r["compile"]:
+            for arm in ("dense", "sparse"):
+                if f"{arm}_eager_s" not in c:
+                    continue
+                e, k, cs = c[f"{arm}_eager_s"], c[f"{arm}_compiled_s"], c[f"{arm}_compile_s"]
+                repay = f"{cs / (e - k):,.0f}" if e > k else "never"
+                lines.append(f"| {c['d_sae']:,} | {arm} | {1e3 * e:,.0f} | {1e3 * k:,.0f} | {e / k:.2f} | {cs:.0f} | "
+                             f"{repay} |")
+        lines += [""]
+    if r.get("saelens"):
+        sl = r["saelens"]
+        if "skipped" in sl:
+            lines += [f"SAELens's own step: not measured, {sl['skipped']}.", ""]
+        else:
+            lines += [f"## SAELens {sl['version']}'s own step (its `SAETrainer` step, fp32, tokens/s)", "",
+                      "| d_sae | SAELens | ours, fresh, Lightning fp32 | ours, trained, Lightning bf16 | "
+                      "ours trained ÷ SAELens |", "| ---: | ---: | ---: | ---: | ---: |"]
+            ours = {(s["d_sae"], s["init"]): s for s in r.get("step", [])}
+            for row in sl["rows"]:
+                f, t = ours.get((row["d_sae"], "fresh")), ours.get((row["d_sae"], "trained"))
+                lines.append(f"| {row['d_sae']:,} | {_k(row['tokens_per_s'])} | "
+                             f"{_k(f['lightning_fp32']) if f else '—'} | {_k(t['lightning_bf16']) if t else '—'} | "
+                             + (f"{t['lightning_bf16'] / row['tokens_per_s']:.1f}× |" if t else "— |"))
+            lines += [""]
     if "stage" in r:
         lines += ["## The whole demo SAE stage (`experiment=sae_4096`, bf16-mixed, validation included)", "",
                   "| run | training tokens | train time s | tokens/s | ÷ dense fp32 loop | peak RSS MB | "
                   "RSS at ¼ / ½ / end MB |", "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
-        dense = next((s["hand_dense_fp32"] for s in r.get("step", []) if s["d_sae"] == 4096
-                      and "hand_dense_fp32" in s), None)
         for name, s in r["stage"].items():
             samp = [v for _, v in s["rss_samples"]] or [s["peak_rss_mb"]]
             q = " / ".join(f"{samp[min(len(samp) - 1, int(f * len(samp)))]:,.0f}" for f in (0.25, 0.5, 0.999))
-            ratio = f"{s['tokens_per_s'] / dense:.1f}×" if dense else "—"
+            d = dense.get(s["metrics"].get("d_sae", 4096))
+            ratio = f"{s['tokens_per_s'] / d:.1f}×" if d else "—"
             lines.append(f"| {name} | {s['metrics']['training_tokens']:,.0f} | {s['train_s']:,.0f} | "
                          f"{_k(s['tokens_per_s'])} | {ratio} | {s['peak_rss_mb']:,.0f} | {q} |")
         lines += [""]
@@ -305,8 +455,7 @@ def markdown(r: dict) -> str:
             lines.append(f"| {k} | {_k(med[k])} act/s | SAE step (trained init) {_k(med['SAE step'])} tok/s | "
                          f"{med[k] / med['SAE step']:.2f} |")
         lines += ["", f"Peak RSS of the pipeline part: {r['pipeline']['peak_rss_mb']:,.0f} MB.", ""]
-    lines += ["SAELens's own step is not in this table: it needs SAELens in a separate environment (issue 14).",
-              "Every row runs on the CPU (the GPU rows of issue 11 are not built yet).", ""]
+    lines += ["Every row ran on the CPU: no GPU was lent for this table.", ""]
     return "\n".join(lines)
 
 
@@ -347,13 +496,15 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--shards", type=Path, help="the demo cache (default: the newest data/activations/*demo*)")
     p.add_argument("--model-dir", type=Path, help="its transformer (default: from the cache's manifest)")
     p.add_argument("--init", type=Path, help="a demo SAE export (d_sae 4,096) for the trained rows")
-    p.add_argument("--sizes", default="4096,32768", help="d_sae values of the step rows")
+    p.add_argument("--sizes", default="512,4096,32768", help="d_sae values of the step rows")
     p.add_argument("--batch", type=int, default=4096)
     p.add_argument("--steps", type=int, default=16, help="timed steps per arm (a quarter of it above 8,192)")
     p.add_argument("--l1", type=float, default=6e-3)
     p.add_argument("--seed", type=int, default=12345)
     p.add_argument("--parts", default=",".join(PARTS), help=f"a comma list of {PARTS}")
     p.add_argument("--long", action="store_true", help="also the demo stage 4× longer (memory; ~+20 min)")
+    p.add_argument("--stage-sizes", default="32768",
+                   help="d_sae values of quarter-length stages beside the demo stage (comma list; '' for none)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, every part: a check of this script")
     p.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")
     p.add_argument("--part", help=argparse.SUPPRESS)
@@ -365,11 +516,13 @@ def main(argv: list[str] | None = None) -> dict | None:
         return run_script(Path(argv[1]), argv[2], argv[3:])
     a = p.parse_args(argv)
     a.sizes = [int(s) for s in a.sizes.split(",")]
+    a.stage_sizes = [int(s) for s in a.stage_sizes.split(",") if s.strip()]
     a.stage_overrides, a.cache_contexts, a.pipeline_steps = [], 1024, 10
     if a.part:  # in the child: one part, its JSON
         if a.quick:
             a.cache_contexts, a.pipeline_steps = 256, 4
-        fn = {"bounds": part_bounds, "step": part_step, "pipeline": part_pipeline}[a.part]
+        fn = {"bounds": part_bounds, "step": part_step, "compile": part_compile, "saelens": part_saelens,
+              "pipeline": part_pipeline}[a.part]
         res = fn(a)
         a.part_out.write_text(json.dumps({**res, "peak_rss_mb": own_peak_mb()}))
         return None
@@ -381,6 +534,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         if a.quick:
             a.model_dir, a.shards, a.init = quick_inputs(work)
             a.sizes, a.batch, a.steps, a.cache_contexts, a.pipeline_steps = [256, 1024], 256, 6, 256, 4
+            a.stage_sizes = [1024]
             a.stage_overrides = QUICK_STAGE
             quarter = ["scale.sae.max_steps=30", "scale.sae.val_check_interval=30"]
         else:
@@ -430,11 +584,29 @@ def main(argv: list[str] | None = None) -> dict | None:
                         args += ["--init", str(a.init)]
                     r["step"].append(run_part("step", args, work, f"step-{d_sae}-{kind}"))
                     save()
+        if "compile" in parts:
+            r["compile"] = []
+            for d_sae in a.sizes:
+                args = [*common, "--sizes", str(d_sae)] + (["--init", str(a.init)] if a.init else [])
+                r["compile"].append(run_part("compile", args, work, f"compile-{d_sae}"))
+                save()
+        if "saelens" in parts:
+            if INTEROP_PYTHON.exists():
+                r["saelens"] = run_part("saelens", [*common, "--sizes", ",".join(map(str, a.sizes))], work,
+                                        python=INTEROP_PYTHON)
+            else:
+                print(f"saelens: skipped, {INTEROP_PYTHON} does not exist (make interop-env)")
+                r["saelens"] = {"skipped": f"{INTEROP_PYTHON.relative_to(ROOT)} does not exist (make interop-env)"}
+            save()
         if "stage" in parts:
             which = [("demo stage", [])]
             if a.long:
                 steps = 4 * (60 if a.quick else 1700)
                 which.append(("demo stage ×4", [f"scale.sae.max_steps={steps}"]))
+            demo_d_sae = 256 if a.quick else 4096
+            for d_sae in a.stage_sizes:  # the recipe at another size, a quarter of the run (its schedule scaled)
+                if d_sae != demo_d_sae:
+                    which.append((f"quarter stage, d_sae {d_sae:,}", [*quarter, f"model.d_sae={d_sae}"]))
             r["stage"] = stages(a, work, which)
             save()
         if "reference" in parts:

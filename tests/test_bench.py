@@ -35,7 +35,11 @@ def test_tiled_init_fires_each_trained_feature_in_every_copy(tmp_path):
     assert l0_tiled == pytest.approx(4 * l0, rel=0.1)  # 4 copies, each firing with its original (± noise)
     torch.testing.assert_close(tiled.W_dec.norm(dim=1), torch.ones(128))
     torch.testing.assert_close(base.b_enc, sae.b_enc)  # the export folds the scale in; this takes it out
-    with pytest.raises(SystemExit, match="not a multiple"):
+    # smaller: the first features, firing exactly as they do in the whole SAE
+    part = SparseAutoencoder(16, 8)
+    part.load_state_dict(bench_table.trained_init(export, 8, scale=2.0))
+    torch.testing.assert_close(part.encode(x), base.encode(x)[:, :8])
+    with pytest.raises(SystemExit, match="neither a multiple nor a divisor"):
         bench_table.trained_init(export, 48, scale=2.0)
 
 
@@ -47,11 +51,32 @@ def test_markdown_quotes_the_ratios_against_the_dense_loop():
     stage = {"demo stage": {"metrics": {"training_tokens": 6963200}, "train_s": 300.0, "tokens_per_s": 23210.7,
                             "peak_rss_mb": 1500.0, "rss_samples": [(1, 1000.0), (2, 1400.0), (3, 1450.0),
                                                                    (4, 1450.0)]}}
+    stage["quarter stage, d_sae 32,768"] = {"metrics": {"training_tokens": 1740800, "d_sae": 32768}, "train_s": 800.0,
+                                            "tokens_per_s": 2176.0, "peak_rss_mb": 5000.0, "rss_samples": []}
+    step.append({"d_sae": 32768, "init": "fresh", "lightning_fp32": 300.0, "lightning_bf16": 600.0,
+                 "hand_rule_fp32": 310.0, "hand_dense_fp32": 320.0, "peak_rss_mb": 4000.0})
+    bounds = {"rows": [{"d_sae": 4096, "dtype": "fp32", "gflops": 125, "dense_bound": 10000.0,
+                        "sparse_bound": 60000.0}]}
+    compile_ = [{"d_sae": 4096, "dense_eager_s": 0.8, "dense_compiled_s": 0.6, "dense_compile_s": 20.0,
+                 "sparse_eager_s": 0.2, "sparse_compiled_s": 0.25, "sparse_compile_s": 10.0}]
+    saelens = {"version": "6.0", "rows": [{"d_sae": 4096, "tokens_per_s": 5000.0}]}
     md = bench_table.markdown({"machine": "m", "date": "d", "torch": "t", "threads": 2, "d_in": 512,
-                               "batch": 4096, "step": step, "stage": stage})
-    assert "| 4,096 | fresh | 5,000 | 6,000 | 5,200 | 4,000 | 1.5× | 900 |" in md
-    assert "| 4,096 | trained (18) | 30,000 | 40,000 | 35,000 | 4,000 | 10.0× | 950 |" in md
+                               "batch": 4096, "step": step, "stage": stage, "bounds": bounds, "compile": compile_,
+                               "saelens": saelens})
+    # fresh: of the dense bound; trained: of the sparse bound; no bound measured at 32,768: a dash
+    assert "| 4,096 | fresh | 5,000 | 6,000 | 5,200 | 4,000 | 1.5× | 0.50 (dense) | 900 |" in md
+    assert "| 4,096 | trained (18) | 30,000 | 40,000 | 35,000 | 4,000 | 10.0× | 0.50 (sparse) | 950 |" in md
+    assert "| 32,768 | fresh | 300 | 600 | 310 | 320 | 1.9× | — | 4,000 |" in md
+    # each stage against the dense loop at its own size
     assert "| demo stage | 6,963,200 | 300 | 23,211 | 5.8× | 1,500 | 1,400 / 1,450 / 1,450 |" in md
+    assert "| quarter stage, d_sae 32,768 | 1,740,800 | 800 | 2,176 | 6.8× | 5,000 | 5,000 / 5,000 / 5,000 |" in md
+    # compile: 0.2 s a step saved repays 20 s after 100 steps; a slower compiled step never does
+    assert "| 4,096 | dense | 800 | 600 | 1.33 | 20 | 100 |" in md
+    assert "| 4,096 | sparse | 200 | 250 | 0.80 | 10 | never |" in md
+    assert "| 4,096 | 5,000 | 5,000 | 40,000 | 8.0× |" in md
+    skipped = bench_table.markdown({"machine": "m", "date": "d", "torch": "t", "threads": 2, "d_in": 512,
+                                    "batch": 4096, "saelens": {"skipped": "no env"}})
+    assert "SAELens's own step: not measured, no env." in skipped
 
 
 def test_a_child_reports_its_own_peak_not_its_parents(tmp_path):

@@ -146,6 +146,23 @@ def test_jumprelu_thresholds_can_have_their_own_learning_rate():
         _module(architecture="topk", k=3, jumprelu_threshold_lr_scale=10.0)
 
 
+def test_a_resampled_jumprelu_feature_gets_a_threshold_scaled_like_its_encoder_row():
+    sae = JumpReLUSAE(8, 16, init_threshold=0.01)
+    with torch.no_grad():
+        sae.log_threshold.copy_(torch.linspace(1.0, 3.0, 16).log())  # live thresholds of order 1
+    dead = torch.tensor([0, 5, 9])
+    live_median = float(sae.threshold.detach()[[i for i in range(16) if i not in (0, 5, 9)]].median())
+    sae.resample_(dead, torch.randn(3, 8), enc_norm_scale=0.2)
+    theta = sae.threshold.detach()
+    torch.testing.assert_close(theta[dead], torch.full((3,), 0.2 * live_median), rtol=1e-5, atol=0)
+    assert (sae.b_enc.detach()[dead] == 0).all()
+    torch.testing.assert_close(theta[1:5], torch.linspace(1.0, 3.0, 16)[1:5], rtol=1e-5, atol=0)  # live: kept
+    # thresholds still at their start: the floor, init_threshold
+    fresh = JumpReLUSAE(8, 16, init_threshold=0.01)
+    fresh.resample_(dead, torch.randn(3, 8))
+    torch.testing.assert_close(fresh.threshold.detach()[dead], torch.full((3,), 0.01), rtol=1e-5, atol=0)
+
+
 def test_jumprelu_refuses_the_sparse_step():
     with pytest.raises(ValueError, match="sparse_step=false"):
         sparse_forward(JumpReLUSAE(8, 16), torch.randn(4, 8))

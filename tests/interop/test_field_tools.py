@@ -191,3 +191,33 @@ def test_the_frontier_bench_trains_ours_and_saelens_side_by_side(tiny_shards, tm
     assert saelens_cfg["d_sae"] == 32 and saelens_cfg.get("architecture", "standard") == "standard"
     assert (out / "frontier.png").stat().st_size > 10_000
     assert "| SAELens standard |" in (out / "frontier.md").read_text()
+
+
+def test_the_bench_table_times_saelenss_own_step(tiny_shards):
+    """``make bench``'s saelens part at a tiny size: SAELens's SAETrainer step on our shards, one rate per size;
+    the step really trains (its parameters move)."""
+    import argparse
+    import sys
+
+    from conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import bench_table
+
+    res = bench_table.part_saelens(argparse.Namespace(shards=tiny_shards, batch=32, sizes=[16, 64], steps=3))
+    assert [r["d_sae"] for r in res["rows"]] == [16, 64] and all(r["tokens_per_s"] > 0 for r in res["rows"])
+    from monosemantic.data.activation_datamodule import ActivationDataModule
+
+    dm = ActivationDataModule(shards=str(tiny_shards), batch_size=32, lr_windows=0)
+    dm.setup()
+    import sae_lens
+
+    assert res["version"] == sae_lens.__version__
+    rate, trained = bench_table._saelens_tokens_per_s(dm, 16, 32, 3)
+    from sae_lens import StandardTrainingSAE, StandardTrainingSAEConfig
+
+    torch.manual_seed(0)  # the helper's init, untrained
+    fresh = StandardTrainingSAE(StandardTrainingSAEConfig(d_in=dm.d_in, d_sae=16, l1_coefficient=5.0,
+                                                          dtype="float32", device="cpu"))
+    assert rate > 0 and not torch.equal(trained.W_enc, fresh.W_enc)
+    torch.testing.assert_close(trained.W_enc, fresh.W_enc, atol=0.05, rtol=0)  # 5 Adam steps of lr 3e-4 from it
