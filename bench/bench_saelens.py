@@ -135,7 +135,9 @@ def main() -> None:
         # the run's name carries what sets it apart, so a rerun with other overrides in the same --out trains anew
         variant = re.sub(r"[^A-Za-z0-9._-]+", "-", "_".join([  # no '=': Hydra's run dir override would not parse
             *a.ours_extra, *([f"resample-{'-'.join(f'{f:g}' for f in a.ours_resample)}"]
-                             if a.ours_resample != [0.2, 0.35, 0.5] else [])])).strip("_")
+                             if a.ours_resample != [0.2, 0.35, 0.5] else []),
+            *[f"{k}-{v}" for k, v, default in (("d_sae", a.d_sae, 4096), ("batch", a.batch_size, 4096),
+                                               ("seed", a.seed, 0)) if v != default]])).strip("_")
         for steps in a.steps:
             run_dir = out / "ours" / "_".join(filter(None, [a.ours, variant, f"{knob}_{value:g}_steps_{steps}"]))
             t0 = time.time()

@@ -58,7 +58,8 @@ def test_markdown_quotes_the_ratios_against_the_dense_loop():
     bounds = {"rows": [{"d_sae": 4096, "dtype": "fp32", "gflops": 125, "dense_bound": 10000.0,
                         "sparse_bound": 60000.0}]}
     compile_ = [{"d_sae": 4096, "dense_eager_s": 0.8, "dense_compiled_s": 0.6, "dense_compile_s": 20.0,
-                 "sparse_eager_s": 0.2, "sparse_compiled_s": 0.25, "sparse_compile_s": 10.0}]
+                 "sparse_eager_s": 0.2, "sparse_compiled_s": 0.25, "sparse_compile_s": 10.0},
+                {"d_sae": 512, "dense_error": "BackendCompilerFailed: no compiler"}]
     saelens = {"version": "6.0", "rows": [{"d_sae": 4096, "tokens_per_s": 5000.0}]}
     md = bench_table.markdown({"machine": "m", "date": "d", "torch": "t", "threads": 2, "d_in": 512,
                                "batch": 4096, "step": step, "stage": stage, "bounds": bounds, "compile": compile_,
@@ -70,10 +71,11 @@ def test_markdown_quotes_the_ratios_against_the_dense_loop():
     # each stage against the dense loop at its own size
     assert "| demo stage | 6,963,200 | 300 | 23,211 | 5.8× | 1,500 | 1,400 / 1,450 / 1,450 |" in md
     assert "| quarter stage, d_sae 32,768 | 1,740,800 | 800 | 2,176 | 6.8× | 5,000 | 5,000 / 5,000 / 5,000 |" in md
-    # compile: 0.2 s a step saved repays 20 s after 100 steps; a slower compiled step never does
-    assert "| 4,096 | dense | 800 | 600 | 1.33 | 20 | 100 |" in md
+    # compile: the first call (20 s) less one compiled step (0.6 s), repaid at 0.2 s a step: 97 steps
+    assert "| 4,096 | dense | 800 | 600 | 1.33 | 20 | 97 |" in md
     assert "| 4,096 | sparse | 200 | 250 | 0.80 | 10 | never |" in md
-    assert "| 4,096 | 5,000 | 5,000 | 40,000 | 8.0× |" in md
+    assert "| 512 | dense | — | failed: BackendCompilerFailed: no compiler | — | — | — |" in md
+    assert "| 4,096 | 5,000 | 5,000 | 1.0× | 30,000 | 6.0× | 40,000 | 8.0× |" in md
     skipped = bench_table.markdown({"machine": "m", "date": "d", "torch": "t", "threads": 2, "d_in": 512,
                                     "batch": 4096, "saelens": {"skipped": "no env"}})
     assert "SAELens's own step: not measured, no env." in skipped

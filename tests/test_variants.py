@@ -142,8 +142,18 @@ def test_jumprelu_thresholds_can_have_their_own_learning_rate():
     opt.step()
     torch.testing.assert_close(before - m.sae.log_threshold.detach(), torch.full_like(before, 1e-2), rtol=1e-3, atol=0)
     assert len(_module(architecture="jumprelu").build_optimizer().param_groups) == 1
-    with pytest.raises(ValueError, match="jumprelu_threshold_lr_scale=10.0 needs architecture jumprelu"):
+    # a checkpoint trained with one group (no θ lr of its own) does not resume into two: refused, naming the key
+    ckpt = {"hyper_parameters": {**m.hparams, "jumprelu_threshold_lr_scale": None}, "state_dict": m.state_dict(),
+            "optimizer_states": [{"param_groups": [{"lr": 1e-3}]}]}
+    with pytest.raises(ValueError, match=r"1 optimizer parameter group\(s\), this run has 2: "
+                                         r"model.jumprelu_threshold_lr_scale=None there, 10.0 here"):
+        m.on_load_checkpoint(ckpt)
+    ckpt["optimizer_states"] = [{"param_groups": [{"lr": 1e-3}, {"lr": 1e-2}]}]
+    m.on_load_checkpoint(ckpt)  # the same groups: loads
+    with pytest.raises(ValueError, match="jumprelu_threshold_lr_scale=10.0 is for architecture jumprelu, not topk"):
         _module(architecture="topk", k=3, jumprelu_threshold_lr_scale=10.0)
+    with pytest.raises(ValueError, match="jumprelu_threshold_lr_scale must be positive"):
+        _module(architecture="jumprelu", jumprelu_threshold_lr_scale=0.0)
 
 
 def test_a_resampled_jumprelu_feature_gets_a_threshold_scaled_like_its_encoder_row():
@@ -214,21 +224,27 @@ def test_ghost_grads_fit_the_residual_with_dead_features_at_the_main_mses_weight
     x = torch.randn(16, 8)
     x_hat, _, pre = m.sae.forward_train(x)
     mse = F.mse_loss(x_hat, x)
-    ghost = m.ghost_grad_loss(x, x_hat, mse)
+    ghost, stats = m.ghost_grad_loss(x, x_hat, mse)
+    ratio = stats["train/ghost_grad_ratio"]
+    assert stats["train/ghost_dead"] == 4
     # its value is the main MSE's (the rescaling), whatever the ghost's own error
     torch.testing.assert_close(ghost, mse.detach())
     # its gradient is that of ‖s·exp(pre_dead) W_dec[dead] − e‖², s = ‖e‖ / (2‖g‖) per token, times mse / that
     sae, e = m.sae, (x - x_hat).detach()
-    pre_dead = sae.encoder_input(x) @ sae.W_enc[:, dead] + sae.b_enc[dead]
+    pre_dead = sae.encoder_input(x).detach() @ sae.W_enc[:, dead] + sae.b_enc[dead]
     g = torch.exp(pre_dead) @ sae.W_dec[dead]
     s = (e.norm(dim=-1, keepdim=True) / (2 * g.norm(dim=-1, keepdim=True))).detach()
     ref = F.mse_loss(g * s, e)
+    torch.testing.assert_close(ratio, (ref / mse).detach())  # logged: the fit before the rescaling
+    assert 0.25 - 1e-6 <= float(ratio) <= 2.25 + 1e-6  # g is at half the residual's norm
     ref = ref * (mse / ref).detach()
-    grads = torch.autograd.grad(ghost, [sae.W_enc, sae.W_dec, sae.b_enc])
-    want = torch.autograd.grad(ref, [sae.W_enc, sae.W_dec, sae.b_enc])
-    for got, w in zip(grads, want):
+    params = [sae.W_enc, sae.W_dec, sae.b_enc, sae.b_dec]
+    grads = torch.autograd.grad(ghost, params, allow_unused=True)
+    want = torch.autograd.grad(ref, params, allow_unused=True)
+    for got, w in zip(grads[:3], want[:3]):
         torch.testing.assert_close(got, w, rtol=1e-4, atol=1e-7)
-    # live features get none of it; dead ones do
+    # live features get none of it, nor b_dec, which every feature shares; dead ones do
+    assert grads[3] is None or (grads[3] == 0).all()
     alive = torch.ones(32, dtype=torch.bool)
     alive[dead] = False
     assert (grads[0][:, alive] == 0).all() and (grads[1][alive] == 0).all() and (grads[2][alive] == 0).all()
@@ -237,7 +253,7 @@ def test_ghost_grads_fit_the_residual_with_dead_features_at_the_main_mses_weight
     with torch.no_grad():
         sae.b_enc[dead[0]] = 500.0
     x_hat, _, _ = sae.forward_train(x)
-    big = m.ghost_grad_loss(x, x_hat, F.mse_loss(x_hat, x))
+    big, _ = m.ghost_grad_loss(x, x_hat, F.mse_loss(x_hat, x))
     assert torch.isfinite(big) and all(torch.isfinite(g).all() for g in torch.autograd.grad(big, [sae.W_enc]))
     # nothing dead, or off: no term
     m.tokens_since_fired.zero_()
@@ -360,7 +376,7 @@ def _train(planted, tmp_path, overrides, callbacks="none"):
 @pytest.mark.parametrize("experiment,extra", [
     ("sae_topk", ["model.k=4", "model.aux_k=8"]), ("sae_batchtopk", ["model.k=4", "model.aux_k=8"]),
     ("sae_jumprelu", ["model.l1_coeff=0.01", "model.jumprelu_init_threshold=0.1"]),
-    ("sae_april", ["model.l1_coeff=0.1"]), ("sae_ghost", ["model.l1_coeff=0.1", "model.b_enc_init_l0=4"])])
+    ("sae_april", ["model.l1_coeff=0.1"])])
 def test_each_variant_trains_through_the_entry_point(planted, tmp_path, experiment, extra):
     # the experiment's own callbacks (checkpointing; topk/batchtopk drop the resampler)
     run = _train(planted, tmp_path, [f"experiment={experiment}", *extra], callbacks="sae")
@@ -385,6 +401,25 @@ def test_each_variant_trains_through_the_entry_point(planted, tmp_path, experime
     x = torch.randn(64, 16)
     from monosemantic.stages.inputs import raw_space_sae
     torch.testing.assert_close(raw_space_sae(from_ckpt, scale)(x).x_hat, exported(x).x_hat, rtol=1e-4, atol=1e-5)
+
+
+def test_ghost_grads_train_through_the_entry_point(planted, tmp_path):
+    """``experiment=sae_ghost``: no resampler, and the ghost term runs on the features silent for a batch (a
+    sparse start at L0 2 leaves some silent in most batches), logged as its fit and its dead count."""
+    import csv
+
+    cfg = compose_cfg("train", ["experiment=sae_ghost"], tmp_path / "composed")
+    assert cfg.model.ghost_grads is True and cfg.callbacks.get("neuron_resampler") is None
+    run = _train(planted, tmp_path, ["experiment=sae_ghost", "model.l1_coeff=0.1", "model.b_enc_init_l0=2",
+                                     "model.aux_dead_tokens=512", "trainer.log_every_n_steps=5"], callbacks="sae")
+    final = json.loads((run / "metrics.json").read_text())
+    assert final["architecture"] == "standard" and final["explained_variance"] > 0.4 and 0 < final["l0"] < 40
+    rows = [r for r in csv.DictReader(open(next(run.glob("csv/**/metrics.csv")))) if r.get("train/ghost_dead")]
+    assert len(rows) >= 5, len(rows)
+    assert all(0.25 - 1e-3 <= float(r["train/ghost_grad_ratio"]) <= 2.25 + 1e-3 for r in rows)
+    assert all(float(r["train/ghost_dead"]) >= 1 for r in rows)
+    exported, _ = load_sae(run / "export")
+    assert exported.architecture == "standard"
 
 
 @pytest.fixture(scope="module")
@@ -431,8 +466,18 @@ def test_encoder_bias_start_fires_every_feature_at_the_stated_l0(arch, kw):
     if arch == "jumprelu":  # by the thresholds: θ where the cut is above θ0, a bias only where it is below
         theta = sae.threshold.detach()
         raised = theta > 0.2 * (1 + 1e-5)
-        assert raised.sum() > 32 and (sae.b_enc[raised] == 0).all() and (sae.b_enc[~raised] <= 0).all()
+        assert raised.sum() > 32 and (sae.b_enc[raised] == 0).all() and (sae.b_enc[~raised] >= 0).all()
         assert (theta >= 0.2 * (1 - 1e-6)).all()
+        # a dense start puts most cuts below θ0: those features fire above their cut through a positive bias
+        dense = _noisy(build_sae(16, 64, arch, **kw))
+        assert dense.init_b_enc_for_l0_(x, 40.0) == pytest.approx(40.0)
+        assert ((dense(x).feats > 0).sum(0) == round(2048 * 40 / 64)).all()
+        low = dense.threshold.detach() <= 0.2 * (1 + 1e-5)
+        assert low.sum() > 8 and (dense.b_enc.detach()[low] > 0).all()
+        with pytest.raises(ValueError, match="starting L0 must be in"):  # refused: nothing changed
+            state = {k: v.clone() for k, v in dense.state_dict().items()}
+            dense.init_b_enc_for_l0_(x, 64.0)
+        assert all(torch.equal(v, dense.state_dict()[k]) for k, v in state.items())
     # on fresh tokens from the same distribution the L0 stays near the target
     assert 4.0 < (sae(torch.randn(8192, 16) * 2 + 0.5).feats > 0).sum(1).float().mean() < 6.0
     with pytest.raises(ValueError, match="starting L0 must be in"):

@@ -87,7 +87,7 @@ class SAEModule(L.LightningModule):
                  aux_k_normalize: bool = False, ghost_grads: bool = False,
                  aux_dead_tokens: int | None = None, batchtopk_threshold_lr: float | None = None,
                  jumprelu_bandwidth: float | None = None, jumprelu_init_threshold: float | None = None,
-                 jumprelu_threshold_lr_scale: float = 1.0,
+                 jumprelu_threshold_lr_scale: float | None = None,
                  pre_encoder_bias: bool = True, normalize_decoder: bool = True,
                  decoder_init_norm: float | None = None, target_l0: float | None = None,
                  target_l0_until: float = 0.5, target_l0_gain: float = 0.02, target_l0_damping: float = 50.0,
@@ -132,9 +132,9 @@ class SAEModule(L.LightningModule):
             batchtopk_threshold_lr: EMA rate of BatchTopK's inference threshold (None: 0.01).
             jumprelu_bandwidth, jumprelu_init_threshold: JumpReLU's straight-through kernel width and
                 starting θ (None: 0.05, 0.01; on normalised activations).
-            jumprelu_threshold_lr_scale: the thresholds' learning rate as a multiple of ``optimizer.lr``: θ is
-                trained in log space, so Adam moves it by about that lr relatively per step, which bounds how
-                far a short run can take it.
+            jumprelu_threshold_lr_scale: the thresholds' learning rate as a multiple of ``optimizer.lr`` (None:
+                1): θ is trained in log space, so Adam moves it by about that lr relatively per step, which
+                bounds how far a short run can take it.
             pre_encoder_bias: subtract b_dec before the encoder (the paper; false: Anthropic's later recipe).
             normalize_decoder: unit-norm dictionary rows (the paper); false: free rows, L1 weighted by ‖d_i‖.
             decoder_init_norm: starting row norm when rows are free (None: 1; Anthropic's April update: 0.1).
@@ -174,9 +174,13 @@ class SAEModule(L.LightningModule):
         if ghost_grads and architecture != "standard":
             raise ConfigError(f"model.ghost_grads is for the ReLU SAE (architecture standard), not {architecture}: "
                               "TopK variants have model.aux_k_coeff")
-        if jumprelu_threshold_lr_scale != 1.0 and not (architecture == "jumprelu" and jumprelu_threshold_lr_scale > 0):
-            raise ConfigError(f"model.jumprelu_threshold_lr_scale={jumprelu_threshold_lr_scale} needs "
-                              f"architecture jumprelu (not {architecture}) and a positive value")
+        if jumprelu_threshold_lr_scale is not None:
+            if architecture != "jumprelu":
+                raise ConfigError(f"model.jumprelu_threshold_lr_scale={jumprelu_threshold_lr_scale} is for "
+                                  f"architecture jumprelu, not {architecture}")
+            if not jumprelu_threshold_lr_scale > 0:
+                raise ConfigError(f"model.jumprelu_threshold_lr_scale must be positive, got "
+                                  f"{jumprelu_threshold_lr_scale}")
         if aux_k_coeff < 0 or (aux_k is not None and aux_k <= 0):
             raise ConfigError(f"model.aux_k_coeff must be >= 0 and model.aux_k positive, got {aux_k_coeff}, {aux_k}")
         # λ in force (target_l0 moves it) and the L0 average that steers it; buffers, so a resume continues them
@@ -238,7 +242,8 @@ class SAEModule(L.LightningModule):
             self.sae.init_b_dec_geometric_median_(sample)
         if start_l0 is not None:
             l0 = self.sae.init_b_enc_for_l0_(sample, start_l0)
-            log.info("encoder biases set so the run starts at L0 %.1f (model.b_enc_init_l0=%g) on %d tokens",
+            log.info("encoder biases (JumpReLU: thresholds) set so the run starts at L0 %.1f "
+                     "(model.b_enc_init_l0=%g) on %d tokens",
                      l0, start_l0, len(sample))
 
     # -- training -------------------------------------------------------------------------------------
@@ -281,26 +286,32 @@ class SAEModule(L.LightningModule):
         return coeff * aux
 
     def ghost_grad_loss(self, x_BM: torch.Tensor, x_hat_BM: torch.Tensor,
-                        mse: torch.Tensor) -> torch.Tensor | None:
+                        mse: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]] | None:
         """Ghost grads (Anthropic, Circuits Updates, January 2024). The dead features' pre-activations pass
         through ``exp`` instead of ReLU, ``g = exp(pre_dead) W_dec[dead]``; each token's ``g`` is scaled to half
         the norm of its residual ``e = x − x̂`` (scale and residual held fixed), and ``‖g − e‖²`` (mean over
         elements) is rescaled to the main MSE's value, so the term weighs as much as the reconstruction
-        whatever its own size. Dead features get a gradient toward the residual though none fires; live ones get
-        none from it. Each row's largest dead pre-activation is subtracted before ``exp``: the norm scaling
-        cancels it exactly, and ``exp`` cannot overflow. None when off or nothing is dead."""
+        whatever its own size. Dead features get a gradient toward the residual though none fires; live ones, and
+        ``b_dec`` (the encoder's input is held fixed), get none from it. Each row's largest dead pre-activation
+        is subtracted before ``exp``: the norm scaling cancels it exactly, and ``exp`` cannot overflow. Its cost
+        is a dense ``[batch, n_dead]`` encoder product forward and backward, beside the sparse step's.
+        Returns the term and what is logged of it: the ghost MSE over the main MSE before the rescaling (how
+        well the dead features fit the residual: 0.25 for its direction exactly, 1.25 for an orthogonal one)
+        and how many features it trained; None when off or nothing is dead."""
         if not self.hparams.get("ghost_grads"):
             return None
         dead_D = self.dead_latents()
         if dead_D.numel() == 0:
             return None
         sae = self.sae
-        pre_BD = sae.encoder_input(x_BM.float()) @ sae.W_enc[:, dead_D] + sae.b_enc[dead_D]
+        pre_BD = sae.encoder_input(x_BM.float()).detach() @ sae.W_enc[:, dead_D] + sae.b_enc[dead_D]
         g_BM = torch.exp(pre_BD - pre_BD.detach().amax(-1, keepdim=True)) @ sae.W_dec[dead_D]
         e_BM = (x_BM.float() - x_hat_BM.float()).detach()
         scale_B1 = (e_BM.norm(dim=-1, keepdim=True) / (2 * g_BM.detach().norm(dim=-1, keepdim=True).clamp_min(1e-12)))
         ghost = F.mse_loss(g_BM * scale_B1, e_BM)
-        return ghost * (mse.detach().float() / ghost.detach().clamp_min(1e-12))
+        stats = {"train/ghost_grad_ratio": ghost.detach() / mse.detach().float().clamp_min(1e-12),
+                 "train/ghost_dead": float(dead_D.numel())}
+        return ghost * (mse.detach().float() / ghost.detach().clamp_min(1e-12)), stats
 
     def train_loss(self, x_BM: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         """One step's loss on a batch and what it logs; updates the firing counters. ``training_step`` logs
@@ -327,7 +338,7 @@ class SAEModule(L.LightningModule):
             loss = loss + aux
         ghost = self.ghost_grad_loss(x_BM, x_hat, mse)
         if ghost is not None:
-            loss = loss + ghost
+            loss = loss + ghost[0]
         self._loss_finite = guards.all_finite(loss)  # on every rank alike (one scalar all-reduce under DDP)
         if not self._loss_finite:  # a bad batch: the counters and λ are left as they were, on every rank
             return loss, {}
@@ -344,8 +355,8 @@ class SAEModule(L.LightningModule):
                 logs.update({"train/l1": l1.detach(), "train/l1_coeff": self.l1_coeff_now()})
             if aux is not None:
                 logs["train/aux_k_loss"] = aux.detach()
-            if ghost is not None:
-                logs["train/ghost_grad_loss"] = ghost.detach()
+            if ghost is not None:  # the term equals the MSE by construction: log what it is made of
+                logs.update(ghost[1])
             if hasattr(sae, "threshold") and torch.is_tensor(sae.threshold):
                 logs["train/threshold_mean"] = sae.threshold.detach().float().mean()
         return loss, logs
@@ -443,6 +454,12 @@ class SAEModule(L.LightningModule):
             raise InputError(f"checkpoint {where or ''} holds another SAE ({what}): resume with the settings it "
                              "was trained with, or start a new run without ckpt_path")
         fill_missing_buffers(self, checkpoint, where)
+        groups = [len(o.get("param_groups", [])) for o in checkpoint.get("optimizer_states", [])]
+        if groups and groups[0] != self._n_param_groups():
+            raise InputError(f"checkpoint {where or ''} trained with {groups[0]} optimizer parameter group(s), this "
+                             f"run has {self._n_param_groups()}: model.jumprelu_threshold_lr_scale="
+                             f"{saved.get('jumprelu_threshold_lr_scale')} there, "
+                             f"{self.hparams.get('jumprelu_threshold_lr_scale')} here; resume with the same value")
 
     def training_step(self, x_BM: torch.Tensor, batch_idx: int) -> torch.Tensor | None:
         loss, logs = self.train_loss(x_BM)
@@ -490,15 +507,18 @@ class SAEModule(L.LightningModule):
 
         return factor
 
+    def _n_param_groups(self) -> int:
+        return 2 if self.hparams.get("jumprelu_threshold_lr_scale") is not None else 1
+
     def build_optimizer(self) -> torch.optim.Optimizer:
         """The SAE's optimizer: one parameter group, or two when JumpReLU's thresholds have their own lr."""
-        scale = float(self.hparams.get("jumprelu_threshold_lr_scale") or 1.0)
+        scale = self.hparams.get("jumprelu_threshold_lr_scale")
         theta = getattr(self.sae, "log_threshold", None)
-        if theta is None or scale == 1.0:
+        if theta is None or scale is None:
             return self.optimizer_factory(params=self.sae.parameters())
         rest = [p for n, p in self.sae.named_parameters() if n != "log_threshold"]
         opt = self.optimizer_factory(params=[{"params": rest}, {"params": [theta]}])
-        opt.param_groups[1]["lr"] *= scale
+        opt.param_groups[1]["lr"] *= float(scale)
         return opt
 
     def configure_optimizers(self):

@@ -523,16 +523,23 @@ class JumpReLUSAE(SparseAutoencoder):
     def init_b_enc_for_l0_(self, x_NM: torch.Tensor, l0: float, chunk: int = 4096) -> float:
         """Start the run at ``l0`` per token as the ReLU SAE does, but by the thresholds: with ``b_enc = 0``,
         each ``θ_i`` is set where feature i fires on its top ``round(N·l0/d_sae)`` pre-activations of the
-        sample (never below ``init_threshold``; a bias would be needed there, so that feature fires less).
+        sample (never below ``init_threshold``: where the cut is lower, θ stays there and the bias is
+        ``init_threshold − cut``, so the feature fires above its cut).
         Moving the bias instead, as the ReLU start does, would leave θ at ``init_threshold`` (0.01) against
         pre-activations of order 1, and θ moves only ~lr per step in log space: on the demo data L0 climbed
         from the start back toward the dense regime while θ could not follow."""
-        self.b_enc.zero_()
+        before = self.b_enc.clone(), self.log_threshold.clone()
         self.log_threshold.fill_(math.log(self.init_threshold))
-        super().init_b_enc_for_l0_(x_NM, l0, chunk)  # b_enc = θ0 − cut: the cut each feature needs
-        cut_F = (self.init_threshold - self.b_enc).clamp_min(self.init_threshold)
-        self.log_threshold.copy_(cut_F.log())
-        self.b_enc.copy_((self.init_threshold - self.b_enc).clamp_max(self.init_threshold) - self.init_threshold)
+        try:  # b_enc = θ0 − cut: the cut each feature needs
+            super().init_b_enc_for_l0_(x_NM, l0, chunk)
+        except Exception:  # a refused call leaves the SAE as it was
+            self.b_enc.copy_(before[0])
+            self.log_threshold.copy_(before[1])
+            raise
+        theta0 = self.init_threshold
+        cut_F = theta0 - self.b_enc
+        self.log_threshold.copy_(cut_F.clamp_min(theta0).log())
+        self.b_enc.clamp_(min=0.0)  # cut < θ0: fire above the cut with θ0 and a bias of θ0 − cut
         x_NM = self.encoder_input(x_NM.to(self.W_enc))
         fired = sum(int((x_NM @ self.W_enc[:, lo:lo + chunk] + self.b_enc[lo:lo + chunk]
                          > self.threshold[lo:lo + chunk]).sum()) for lo in range(0, self.d_sae, chunk))
