@@ -68,7 +68,7 @@ test: install-dev
 	$(VENV)/bin/pytest -q $(ARGS)
 
 # One table of SAE training speed and memory on this machine (needs `make train`'s demo cache and SAE;
-# ~80 min on 2 CPU cores); writes bench/results/<date>.md. ARGS=--quick: tiny sizes, a few minutes.
+# ~65 min on 2 CPU cores); writes bench/results/<date>.md. ARGS=--quick: tiny sizes, a few minutes.
 bench: install
 	$(PY) bench/bench_table.py $(ARGS)
 

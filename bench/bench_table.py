@@ -27,7 +27,7 @@ another, never side by side (a shared 2-core machine is noisy enough). Rows:
   forward, L1 by decoder norm, backward, grad clipping, Adam) at each d_sae, in ``.venv-interop``
   (``make interop-env``); skipped with a note when that environment is absent.
 
-    make bench                                   # everything: ~80 min on 2 CPU cores; writes bench/results/
+    make bench                                   # everything: ~65 min on 2 CPU cores; writes bench/results/
     python bench/bench_table.py --quick          # tiny sizes, every part, a few minutes: a check of the script
     python bench/bench_table.py --parts step,bounds --sizes 4096
 
@@ -53,9 +53,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
+from bench_saelens import INTEROP_PYTHON  # noqa: E402  (SAELens's own environment)
 
 PARTS = ("bounds", "step", "compile", "saelens", "stage", "reference", "pipeline")
-INTEROP_PYTHON = ROOT / ".venv-interop" / "bin" / "python"
 QUARTER = ["scale.sae.max_steps=425", "scale.sae.resample_steps=[85,149,212]", "scale.sae.l1_warmup_steps=21",
            "scale.sae.dead_window_tokens=139264", "scale.sae.val_check_interval=425"]
 REFERENCE = ["model.sparse_step=false", "scale.sae.precision=32-true"]
@@ -174,7 +174,7 @@ def part_step(a) -> dict:
     dm.setup()
     d_sae = a.sizes[0]
     init = trained_init(a.init, d_sae, dm.scale) if a.init_kind == "trained" else None
-    steps, warmup = (a.steps, 2) if d_sae <= 8192 else (max(3, a.steps // 4), 2)
+    steps, warmup = _timed_steps(a, d_sae), 2
     res: dict = {"d_sae": d_sae, "init": a.init_kind, "steps": steps}
     if init is not None:  # the init's L0 on a batch of these activations
         sae = SparseAutoencoder(dm.d_in, d_sae)
@@ -194,6 +194,11 @@ def part_step(a) -> dict:
         res[name] = fn()
         print(f"d_sae {d_sae} {a.init_kind}: {name} {res[name]:,.0f} tok/s", flush=True)
     return res
+
+
+def _timed_steps(a, d_sae: int) -> int:
+    """Timed steps per arm: ``--steps``, a quarter of it (at least 3) above 8,192 features."""
+    return a.steps if d_sae <= 8192 else max(3, a.steps // 4)
 
 
 def _median_step_s(step, n: int, warmup: int) -> float:
@@ -250,7 +255,7 @@ def part_compile(a) -> dict:
     dm.setup()
     d_sae = a.sizes[0]
     x_BM = dm.sample_activations(a.batch, seed=0)
-    steps = a.steps if d_sae <= 8192 else max(3, a.steps // 4)
+    steps = _timed_steps(a, d_sae)
     res: dict = {"d_sae": d_sae, "steps": steps}
     arms = {"dense": None, **({"sparse": trained_init(a.init, d_sae, dm.scale)} if a.init else {})}
     for arm, init in arms.items():
@@ -301,7 +306,7 @@ def part_saelens(a) -> dict:
     dm.setup()
     rows = []
     for d_sae in a.sizes:
-        rate, _ = _saelens_tokens_per_s(dm, d_sae, a.batch, a.steps if d_sae <= 8192 else max(3, a.steps // 4))
+        rate, _ = _saelens_tokens_per_s(dm, d_sae, a.batch, _timed_steps(a, d_sae))
         rows.append({"d_sae": d_sae, "tokens_per_s": rate})
         print(f"SAELens {sae_lens.__version__} d_sae {d_sae}: {rate:,.0f} tok/s", flush=True)
     return {"rows": rows, "version": sae_lens.__version__, "threads": torch.get_num_threads()}

@@ -262,6 +262,11 @@ class SAEModule(L.LightningModule):
         window = self.hparams.aux_dead_tokens or self.hparams.dead_window_tokens
         return (self.tokens_since_fired >= window).nonzero().squeeze(1)
 
+    def _dead_pre_acts(self, x_BM: torch.Tensor, dead_D: torch.Tensor, detach_input: bool) -> torch.Tensor:
+        """The dead features' pre-activations alone, ``[batch, n_dead]``."""
+        xc_BM = self.sae.encoder_input(x_BM.float())
+        return (xc_BM.detach() if detach_input else xc_BM) @ self.sae.W_enc[:, dead_D] + self.sae.b_enc[dead_D]
+
     def aux_k_loss(self, x_BM: torch.Tensor, x_hat_BM: torch.Tensor) -> torch.Tensor | None:
         """AuxK (Gao et al., 2024, appendix A.2): the residual ``e = x − x̂`` (no gradient) is reconstructed from
         the dead latents alone, ``ê = TopK_aux(pre_dead) W_dec[dead]``, and ``‖ê − e‖²`` (mean over elements,
@@ -276,7 +281,7 @@ class SAEModule(L.LightningModule):
             return None
         sae = self.sae
         k_aux = min(int(self.hparams.aux_k or max(1, sae.d_in // 2)), dead_D.numel())
-        pre_BD = sae.encoder_input(x_BM.float()) @ sae.W_enc[:, dead_D] + sae.b_enc[dead_D]
+        pre_BD = self._dead_pre_acts(x_BM, dead_D, detach_input=False)
         vals_BK, idx_BK = pre_BD.topk(k_aux, dim=-1, sorted=False)
         e_hat_BM = torch.zeros_like(pre_BD).scatter(-1, idx_BK, F.relu(vals_BK)) @ sae.W_dec[dead_D]
         e_BM = (x_BM.float() - x_hat_BM.float()).detach()
@@ -304,7 +309,7 @@ class SAEModule(L.LightningModule):
         if dead_D.numel() == 0:
             return None
         sae = self.sae
-        pre_BD = sae.encoder_input(x_BM.float()).detach() @ sae.W_enc[:, dead_D] + sae.b_enc[dead_D]
+        pre_BD = self._dead_pre_acts(x_BM, dead_D, detach_input=True)
         g_BM = torch.exp(pre_BD - pre_BD.detach().amax(-1, keepdim=True)) @ sae.W_dec[dead_D]
         e_BM = (x_BM.float() - x_hat_BM.float()).detach()
         scale_B1 = (e_BM.norm(dim=-1, keepdim=True) / (2 * g_BM.detach().norm(dim=-1, keepdim=True).clamp_min(1e-12)))

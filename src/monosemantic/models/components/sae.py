@@ -530,8 +530,8 @@ class JumpReLUSAE(SparseAutoencoder):
         from the start back toward the dense regime while θ could not follow."""
         before = self.b_enc.clone(), self.log_threshold.clone()
         self.log_threshold.fill_(math.log(self.init_threshold))
-        try:  # b_enc = θ0 − cut: the cut each feature needs
-            super().init_b_enc_for_l0_(x_NM, l0, chunk)
+        try:  # b_enc = θ0 − cut: the cut each feature needs; the features fire on the sample as they will below
+            fired = super().init_b_enc_for_l0_(x_NM, l0, chunk)
         except Exception:  # a refused call leaves the SAE as it was
             self.b_enc.copy_(before[0])
             self.log_threshold.copy_(before[1])
@@ -540,10 +540,7 @@ class JumpReLUSAE(SparseAutoencoder):
         cut_F = theta0 - self.b_enc
         self.log_threshold.copy_(cut_F.clamp_min(theta0).log())
         self.b_enc.clamp_(min=0.0)  # cut < θ0: fire above the cut with θ0 and a bias of θ0 − cut
-        x_NM = self.encoder_input(x_NM.to(self.W_enc))
-        fired = sum(int((x_NM @ self.W_enc[:, lo:lo + chunk] + self.b_enc[lo:lo + chunk]
-                         > self.threshold[lo:lo + chunk]).sum()) for lo in range(0, self.d_sae, chunk))
-        return fired / x_NM.shape[0]
+        return fired  # each feature still fires exactly where its product passes its cut
 
     @torch.no_grad()
     def resample_(self, dead_F: torch.Tensor, inputs_KM: torch.Tensor, enc_norm_scale: float = 0.2,
