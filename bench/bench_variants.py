@@ -32,11 +32,13 @@ RECIPES = {
     "april (no pre-bias, ‖d‖-weighted L1) + target_l0": ("sae_april", lambda l0: [f"model.target_l0={l0}"]),
     "topk + AuxK": ("sae_topk", lambda l0: [f"model.k={int(round(l0))}"]),
     "batchtopk + AuxK": ("sae_batchtopk", lambda l0: [f"model.k={int(round(l0))}"]),
+    "matryoshka batchtopk + AuxK": ("sae_matryoshka", lambda l0: [f"model.k={int(round(l0))}"]),
     "jumprelu + target_l0": ("sae_jumprelu", lambda l0: [f"model.target_l0={l0}"]),
 }
 SHORT = {"standard": "standard (paper, λ fixed)", "standard_target": "standard + target_l0",
          "april": "april (no pre-bias, ‖d‖-weighted L1) + target_l0", "topk": "topk + AuxK",
-         "batchtopk": "batchtopk + AuxK", "jumprelu": "jumprelu + target_l0"}
+         "batchtopk": "batchtopk + AuxK", "matryoshka": "matryoshka batchtopk + AuxK",
+         "jumprelu": "jumprelu + target_l0"}
 COLUMNS = [("recipe", "recipe", "{}"), ("L0", "l0", "{:.1f}"), ("loss recovered", "loss_recovered", "{:.3f}"),
            ("explained var.", "explained_variance", "{:.3f}"), ("dead", "dead_frac", "{:.1%}"),
            ("dense > 1e-2", "dense_frac", "{:.1%}"), ("MMCS", "mmcs", "{:.3f}"),

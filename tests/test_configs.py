@@ -28,7 +28,7 @@ def test_groups_exist():
 
 
 VARIANTS = {"sae_topk": "topk", "sae_batchtopk": "batchtopk", "sae_jumprelu": "jumprelu", "sae_april": "standard",
-            "sae_target": "standard", "sae_ghost": "standard"}
+            "sae_target": "standard", "sae_ghost": "standard", "sae_matryoshka": "matryoshka_batchtopk"}
 
 
 @pytest.mark.parametrize("scale", options("scale"))

@@ -46,7 +46,7 @@ def test_experiment_fast_dev_run(experiment, token_store, tiny_shards, data_root
         assert final["training_tokens"] < final["dead_window_tokens"] and "train_dead_frac" not in final
         # a few hundred held-out tokens cannot show a density below 1e-6: absent, not a structural 0
         assert final["n_tokens"] < 1e6 and "ultralow_frac" not in final
-        if final["architecture"] in ("topk", "batchtopk"):  # no λ in their loss: none reported
+        if final["architecture"] in ("topk", "batchtopk", "matryoshka_batchtopk"):  # no λ in their loss
             assert final["l1_coeff"] is None and final["l1_coeff_raw"] is None and final["k"] == 20
         else:  # λ/s on raw activations for an L1 term; λ/s² for JumpReLU's L0 (L0 does not scale)
             power = 2 if final["architecture"] == "jumprelu" else 1
@@ -56,7 +56,8 @@ def test_experiment_fast_dev_run(experiment, token_store, tiny_shards, data_root
         size = experiment.split("_")[1]
         assert cfg_json["d_sae"] == (int(size) if size.isdigit() else 4096) and cfg_json["d_in"] == TINY_NET["d_mlp"]
         # the variant experiments export as SAELens names them (BatchTopK as the JumpReLU it infers as)
-        arch = {"jumprelu": "jumprelu", "batchtopk": "jumprelu", "topk": "topk"}.get(size, "standard")
+        arch = {"jumprelu": "jumprelu", "batchtopk": "jumprelu", "matryoshka": "jumprelu", "topk": "topk"}.get(
+            size, "standard")
         assert cfg_json["architecture"] == arch and cfg_json["metadata"]["trained_as"]["architecture"] == \
             final["architecture"]
 

@@ -137,6 +137,7 @@ def test_sae_bench_core_matches_our_l0_ce_score_and_explained_variance(sae_expor
 
 
 @pytest.mark.parametrize("architecture,kw", [("topk", {"k": 8}), ("batchtopk", {"k": 8}), ("jumprelu", {}),
+                                             ("matryoshka_batchtopk", {"k": 8, "widths": [16, 48]}),
                                              ("standard", {"pre_encoder_bias": False})])
 def test_sae_lens_reconstructs_every_exported_architecture_as_we_do(architecture, kw, transformer_export, windows,
                                                                     tmp_path):
@@ -152,7 +153,7 @@ def test_sae_lens_reconstructs_every_exported_architecture_as_we_do(architecture
         sae.b_enc.normal_(0, 0.05)
         if architecture == "jumprelu":
             sae.log_threshold.fill_(float(np.log(0.05)))
-        if architecture == "batchtopk":
+        if architecture in ("batchtopk", "matryoshka_batchtopk"):
             sae.threshold.fill_(0.05)  # exported as a JumpReLU with this threshold for every feature
     sae.eval()
     export = export_sae(sae, tmp_path / architecture, 2.5, MLP_HOOK, meta["model"]["n_ctx"])
@@ -165,6 +166,38 @@ def test_sae_lens_reconstructs_every_exported_architecture_as_we_do(architecture
     assert (mine.feats > 0).any()
     torch.testing.assert_close(mine.x_hat, trained_space, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(saelens.reconstruct(theirs, x), mine.x_hat, atol=1e-5, rtol=1e-5)
+
+
+def test_our_matryoshka_loss_is_saelens_matryoshka_loss():
+    """Our Matryoshka BatchTopK against SAELens's own training class on the same weights and batch: the same
+    features, and the same reconstruction term up to units (SAELens sums the squared error over dimensions and
+    sums the prefixes' MSEs, we average both)."""
+    from sae_lens.saes.matryoshka_batchtopk_sae import (
+        MatryoshkaBatchTopKTrainingSAE,
+        MatryoshkaBatchTopKTrainingSAEConfig,
+    )
+    from sae_lens.saes.sae import TrainStepInput
+
+    from monosemantic.models.components.sae import MatryoshkaSAE
+
+    torch.manual_seed(0)
+    ours = MatryoshkaSAE(16, 64, k=6, widths=[8, 24]).train()
+    with torch.no_grad():
+        ours.b_enc.normal_(0, 0.3)
+        ours.b_dec.normal_(0, 0.1)
+    theirs = MatryoshkaBatchTopKTrainingSAE(MatryoshkaBatchTopKTrainingSAEConfig(
+        d_in=16, d_sae=64, k=6, matryoshka_widths=[8, 24, 64], rescale_acts_by_decoder_norm=False))
+    theirs.load_state_dict({k: v for k, v in ours.state_dict().items() if k != "threshold"}, strict=False)
+    x = torch.randn(40, 16)
+    out = theirs.training_forward_pass(TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=None,
+                                                      n_training_steps=0, is_logging_step=False))
+    x_hat, f, _ = ours.forward_train(x)
+    torch.testing.assert_close(out.feature_acts, f)
+    assert set(out.losses) >= {"mse_loss", "inner_mse_loss_8", "inner_mse_loss_24"}
+    mine = ours.recon_loss(x, x_hat, f)
+    assert float(out.loss) == pytest.approx(float(mine) * 16 * 3, rel=1e-5)  # × d_in × the 3 prefixes
+    full = float(torch.nn.functional.mse_loss(x_hat, x))
+    assert abs(float(mine) - full) > 0.05 * full  # the prefixes weigh in: not the plain MSE
 
 
 def test_the_frontier_bench_trains_ours_and_saelens_side_by_side(tiny_shards, tmp_path):

@@ -88,7 +88,8 @@ class SAEModule(L.LightningModule):
                  aux_dead_tokens: int | None = None, batchtopk_threshold_lr: float | None = None,
                  jumprelu_bandwidth: float | None = None, jumprelu_init_threshold: float | None = None,
                  jumprelu_threshold_lr_scale: float | None = None,
-                 pre_encoder_bias: bool = True, normalize_decoder: bool = True,
+                 matryoshka_widths: list[int] | None = None, pre_encoder_bias: bool = True,
+                 normalize_decoder: bool = True,
                  decoder_init_norm: float | None = None, target_l0: float | None = None,
                  target_l0_until: float = 0.5, target_l0_gain: float = 0.02, target_l0_damping: float = 50.0,
                  dense_warn_frac: float = 0.25, b_enc_init_l0: float | None = None,
@@ -115,9 +116,10 @@ class SAEModule(L.LightningModule):
             metrics: builds the validation metrics, ``metrics(d_in=, d_sae=, ablation=)`` (a partial of
                 :class:`monosemantic.evaluation.SAEMetrics`); None: validation computes nothing.
             architecture: ``standard`` (the paper's ReLU + L1), ``topk``, ``batchtopk`` (k active per input /
-                on average; λ unused) or ``jumprelu`` (learned thresholds, λ weights an L0 term); see
+                on average; λ unused), ``matryoshka_batchtopk`` (BatchTopK whose nested prefixes each
+                reconstruct) or ``jumprelu`` (learned thresholds, λ weights an L0 term); see
                 :mod:`.components.sae`.
-            k: active features per input (topk, batchtopk).
+            k: active features per input (topk, batchtopk, matryoshka_batchtopk).
             aux_k_coeff: weight of the AuxK loss (Gao et al., 2024): the dead latents' top ``aux_k``
                 pre-activations reconstruct the residual ``x − x̂``, so dead latents get gradient (0: off).
             aux_k: dead latents per input in AuxK (None: d_in / 2, the paper's heuristic).
@@ -135,6 +137,8 @@ class SAEModule(L.LightningModule):
             jumprelu_threshold_lr_scale: the thresholds' learning rate as a multiple of ``optimizer.lr`` (None:
                 1): θ is trained in log space, so Adam moves it by about that lr relatively per step, which
                 bounds how far a short run can take it.
+            matryoshka_widths: the nested prefix sizes of a ``matryoshka_batchtopk`` SAE, increasing and below
+                d_sae (the whole dictionary is the last prefix); each prefix's reconstruction joins the loss.
             pre_encoder_bias: subtract b_dec before the encoder (the paper; false: Anthropic's later recipe).
             normalize_decoder: unit-norm dictionary rows (the paper); false: free rows, L1 weighted by ‖d_i‖.
             decoder_init_norm: starting row norm when rows are free (None: 1; Anthropic's April update: 0.1).
@@ -152,6 +156,8 @@ class SAEModule(L.LightningModule):
                 or ``skip`` the batch and count it (:mod:`.guards`); non-finite parameters always stop it.
         """
         super().__init__()
+        if matryoshka_widths is not None:  # a Hydra ListConfig would not load from a weights_only checkpoint
+            matryoshka_widths = [int(w) for w in matryoshka_widths]
         guards.check_action(nonfinite)
         if d_in is None:
             raise ConfigError("model.d_in is not set: it comes from the shard set's manifest (data.shards)")
@@ -164,7 +170,8 @@ class SAEModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.sae = build_sae(d_in, d_sae, architecture, tied_init=tied_init, k=k,
                              threshold_lr=batchtopk_threshold_lr, bandwidth=jumprelu_bandwidth,
-                             init_threshold=jumprelu_init_threshold, pre_encoder_bias=pre_encoder_bias,
+                             init_threshold=jumprelu_init_threshold, widths=matryoshka_widths,
+                             pre_encoder_bias=pre_encoder_bias,
                              normalize_decoder=normalize_decoder, decoder_init_norm=decoder_init_norm)
         if target_l0 is not None and not self.sae.uses_penalty:
             raise ConfigError(f"model.target_l0 steers λ, which a {architecture} SAE does not use: set model.k")
@@ -330,14 +337,16 @@ class SAEModule(L.LightningModule):
             mse = F.mse_loss(x_hat, x_BM)
             l1 = sae.sparse_penalty(out.feats.cols, out.feats.vals, B)
             fires_F = torch.bincount(out.feats.cols, minlength=d_sae)
-            active = out.feats.vals
+            active, feats = out.feats.vals, out.feats
         else:
             x_hat, feats, pre = sae.forward_train(x_BM)
             mse = F.mse_loss(x_hat.float(), x_BM)
             l1 = sae.penalty(pre, feats).mean()
             fires_F = (feats > 0).sum(0)
             active = feats[feats > 0] if sae.tracks_min_active else None
-        loss = mse + self.l1_coeff_now() * l1 if sae.uses_penalty else mse
+        # the reconstruction term: the MSE, or (Matryoshka) the mean of its nested prefixes' MSEs
+        recon = sae.recon_loss(x_BM, x_hat, feats) if sae.prefix_ends else mse
+        loss = recon + self.l1_coeff_now() * l1 if sae.uses_penalty else recon
         aux = self.aux_k_loss(x_BM, x_hat)
         if aux is not None:
             loss = loss + aux
@@ -358,6 +367,8 @@ class SAEModule(L.LightningModule):
                     "train/mse_normalized": mse.detach(), "train/l0": l0, "train/dead_frac": self.dead_frac()}
             if sae.uses_penalty:
                 logs.update({"train/l1": l1.detach(), "train/l1_coeff": self.l1_coeff_now()})
+            if sae.prefix_ends:
+                logs["train/prefix_mse"] = recon.detach()
             if aux is not None:
                 logs["train/aux_k_loss"] = aux.detach()
             if ghost is not None:  # the term equals the MSE by construction: log what it is made of

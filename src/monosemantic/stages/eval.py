@@ -50,7 +50,7 @@ def load_any(path: Path) -> tuple[SparseAutoencoder, float, dict]:
     d_in, d_sae = state["sae.W_enc"].shape
     hp = ckpt.get("hyper_parameters") or {}
     sae = build_sae(int(d_in), int(d_sae), hp.get("architecture", "standard"), k=hp.get("k"),
-                    pre_encoder_bias=hp.get("pre_encoder_bias", True),
+                    widths=hp.get("matryoshka_widths"), pre_encoder_bias=hp.get("pre_encoder_bias", True),
                     normalize_decoder=hp.get("normalize_decoder", True))
     sae.load_state_dict({k.removeprefix("sae."): v for k, v in state.items() if k.startswith("sae.")})
     scale = float(state.get("norm_scale_buf", torch.ones(())))

@@ -57,6 +57,9 @@ class SparseAutoencoder(nn.Module):
     """whether :meth:`observe_` wants each step's smallest active feature value."""
     sparse_ok = True
     """whether :func:`~.sparse_step.sparse_forward` can train it (the gradients need only active entries)."""
+    prefix_ends: tuple[int, ...] = ()
+    """nested dictionaries whose own reconstructions join the loss (Matryoshka: :meth:`MatryoshkaSAE.recon_loss`);
+    empty: the loss's reconstruction term is the plain MSE."""
 
     def __init__(self, d_in: int, d_sae: int, tied_init: bool = True, pre_encoder_bias: bool = True,
                  normalize_decoder: bool = True, decoder_init_norm: float | None = None) -> None:
@@ -438,6 +441,57 @@ class BatchTopKSAE(TopKSAE):
         return {**super().config(), "threshold_lr": self.threshold_lr}
 
 
+class MatryoshkaSAE(BatchTopKSAE):
+    """Matryoshka BatchTopK (Bussmann et al., 2025, "Learning multi-level features with Matryoshka SAEs"; Nabeshima,
+    2024): the dictionary's first ``widths[0]``, ``widths[1]``, … features must each reconstruct the input on
+    their own, so the loss's reconstruction term is the mean of the MSEs of those nested prefixes' reconstructions
+    and the whole dictionary's, ``mean_m ‖x − (f[:m] W_dec[:m] + b_dec)‖²`` (SAELens sums them instead; the
+    mean keeps the term on the scale of the other variants' MSE, so the same lr and AuxK weight apply). Broad
+    features settle in the early prefixes, and a general feature is not absorbed into specific ones that fire
+    in its place. The features are BatchTopK's, so inference and the export are too (SAELens ``jumprelu``
+    with one threshold for all)."""
+
+    architecture = "matryoshka_batchtopk"
+
+    def __init__(self, d_in: int, d_sae: int, k: int | None = None,
+                 widths: list[int] | tuple[int, ...] | None = None, **kw: Any) -> None:
+        widths = tuple(int(w) for w in (widths or ()))
+        if not widths or any(not 0 < w < d_sae for w in widths) or list(widths) != sorted(set(widths)):
+            raise ConfigError(f"model.matryoshka_widths must be increasing prefix sizes in (0, d_sae={d_sae}) "
+                              f"(the whole dictionary is always the last), got {list(widths)}")
+        super().__init__(d_in, d_sae, k, **kw)
+        self.widths = widths
+
+    @property
+    def prefix_ends(self) -> tuple[int, ...]:
+        """Where each nested dictionary ends, the whole one last."""
+        return (*self.widths, self.d_sae)
+
+    def recon_loss(self, x_BM: torch.Tensor, x_hat_BM: torch.Tensor, feats) -> torch.Tensor:
+        """The mean over the prefixes of their reconstructions' MSE; ``feats`` is the dense ``[B, d_sae]``
+        activations or the sparse step's active entries (each group's part is then a bag over its own
+        entries). The last prefix's reconstruction is ``x_hat_BM`` itself."""
+        ends = self.prefix_ends
+        x_BM = x_BM.float()
+        total = F.mse_loss(x_hat_BM.float(), x_BM)
+        partial_BM = self.b_dec.float().expand_as(x_BM)
+        for start, end in zip((0, *ends[:-2]), ends[:-1]):
+            if isinstance(feats, torch.Tensor):
+                part_BM = feats[:, start:end].float() @ self.W_dec[start:end].float()
+            else:  # SparseFeatures: the group's entries, still row-major
+                keep = (feats.cols >= start) & (feats.cols < end)
+                rows = feats.rows[keep]
+                counts = torch.bincount(rows, minlength=x_BM.shape[0])
+                part_BM = F.embedding_bag(feats.cols[keep], self.W_dec.float(), torch.cumsum(counts, 0) - counts,
+                                          mode="sum", per_sample_weights=feats.vals[keep])
+            partial_BM = partial_BM + part_BM
+            total = total + F.mse_loss(partial_BM, x_BM)
+        return total / len(ends)
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "widths": list(self.widths)}
+
+
 def _rectangle(u: torch.Tensor) -> torch.Tensor:
     return ((u > -0.5) & (u < 0.5)).to(u.dtype)
 
@@ -570,7 +624,7 @@ class JumpReLUSAE(SparseAutoencoder):
 
 
 ARCHITECTURES: dict[str, type[SparseAutoencoder]] = {
-    cls.architecture: cls for cls in (SparseAutoencoder, TopKSAE, BatchTopKSAE, JumpReLUSAE)}
+    cls.architecture: cls for cls in (SparseAutoencoder, TopKSAE, BatchTopKSAE, MatryoshkaSAE, JumpReLUSAE)}
 
 
 def build_sae(d_in: int, d_sae: int, architecture: str = "standard", **kw: Any) -> SparseAutoencoder:
