@@ -67,6 +67,12 @@ def saelens_worker(a: argparse.Namespace) -> None:
         sae.fold_activation_norm_scaling_factor(dm.scale)
         sae.save_inference_model(out / f"steps_{step}")
         sae.load_state_dict(state)
+        # silent over the last 8% of the steps so far, our runs' dead window (demo_schedule), from the trainer's
+        # own count of steps since each feature fired
+        window = round(0.08 * step)
+        silent = float((trainer.n_forward_passes_since_fired >= window).float().mean()) if window else None
+        (out / f"steps_{step}" / "silent.json").write_text(json.dumps(
+            {"train_dead_frac": silent, "dead_window_tokens": window * a.batch_size}))
         print(f"saved SAELens λ={a.l1} after {step} steps", flush=True)
 
     def provider():
@@ -78,7 +84,8 @@ def saelens_worker(a: argparse.Namespace) -> None:
 
     cfg = SAETrainerConfig(total_training_samples=budgets[-1] * a.batch_size, train_batch_size_samples=a.batch_size,
                            lr=3e-4, lr_end=3e-5, device="cpu")  # LanguageModelSAERunnerConfig's defaults
-    SAETrainer(cfg=cfg, sae=sae, data_provider=provider()).fit()  # stops after the last budget's steps
+    trainer = SAETrainer(cfg=cfg, sae=sae, data_provider=provider())
+    trainer.fit()  # stops after the last budget's steps
     save(budgets[-1])
 
 
@@ -125,7 +132,8 @@ def main() -> None:
         m = evaluate(export, a.shards, a.lr_windows, out / f"eval_{slug}_{l1:g}_{steps}.log")
         rows.append({"library": lib, "l1_coeff": l1, "steps": steps, "tokens": steps * a.batch_size,
                      "export": str(export), "train_s": train_s, **extra,
-                     **{k: m.get(k) for k in ("l0", "loss_recovered", "explained_variance", "dead_frac", "mse")}})
+                     **{k: m.get(k) for k in ("l0", "loss_recovered", "explained_variance", "dead_frac", "mse",
+                                              "n_tokens")}})
         print(json.dumps(rows[-1]), flush=True)
         write(out, rows, a)
 
@@ -154,7 +162,8 @@ def main() -> None:
             fracs = "/".join(f"{f:.0%}" for f in a.ours_resample)
             label = " ".join([a.ours, *(["model.target_l0=<L0>"] if knob == "target_l0" else []), *a.ours_extra,
                               *([f"resampling at {fracs}"] if a.ours_resample != [0.2, 0.35, 0.5] else [])])
-            add(f"ours ({label})", final["l1_coeff"], steps, run_dir / "export", train_s, **{knob: value})
+            add(f"ours ({label})", final["l1_coeff"], steps, run_dir / "export", train_s, **{knob: value},
+                train_dead_frac=final.get("train_dead_frac"), dead_window_tokens=final.get("dead_window_tokens"))
 
     for l1 in a.saelens_l1:
         wdir = out / "saelens" / f"l1_{l1:g}"
@@ -168,7 +177,9 @@ def main() -> None:
                  "--seed", str(a.seed), "--out", str(wdir)], out / f"train_saelens_{l1:g}.log")
             timing.write_text(json.dumps({"train_s": time.time() - t0}))
         for steps in a.steps:
-            add("SAELens standard", l1, steps, wdir / f"steps_{steps}", json.loads(timing.read_text())["train_s"])
+            silent = wdir / f"steps_{steps}" / "silent.json"
+            add("SAELens standard", l1, steps, wdir / f"steps_{steps}", json.loads(timing.read_text())["train_s"],
+                **(json.loads(silent.read_text()) if silent.exists() else {}))
 
 
 def demo_schedule(steps: int, batch_size: int, resample_fracs: tuple[float, ...] = (0.2, 0.35, 0.5)) -> list[str]:
@@ -185,13 +196,20 @@ def demo_schedule(steps: int, batch_size: int, resample_fracs: tuple[float, ...]
 def write(out: Path, rows: list[dict], a: argparse.Namespace) -> None:
     (out / "frontier.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(a).items()}, "rows": rows},
                                                   indent=1))
-    lines = ["| library | target L0 | λ | steps (tokens) | L0 | loss recovered | explained var. | dead | train s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    # dead: silent on the held-out shard; silent in training: over the last dead window of training tokens (ours:
+    # the run's own counter; SAELens: its trainer's steps since each feature fired), which tells rare from dead
+    lines = ["| library | target L0 | λ | steps (tokens) | L0 | loss recovered | explained var. | dead (held out) | "
+             "silent in training | train s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in sorted(rows, key=lambda r: (r["steps"], r["library"], r["l1_coeff"])):
+        silent = (f"{r['train_dead_frac']:.1%} of {r['dead_window_tokens'] / 1e3:,.0f}k"
+                  if r.get("train_dead_frac") is not None else "–")
         lines.append(f"| {r['library']} | {r.get('target_l0', '–')} | {r['l1_coeff']:.3g} | "
                      f"{r['steps']} ({r['tokens'] / 1e6:.1f}M) | "
                      f"{r['l0']:.1f} | {r['loss_recovered']:.3f} | {r['explained_variance']:.3f} | "
-                     f"{r['dead_frac']:.1%} | {r['train_s']:.0f} |")
+                     f"{r['dead_frac']:.1%} | {silent} | {r['train_s']:.0f} |")
+    held_out = sorted({int(r["n_tokens"]) for r in rows if r.get("n_tokens")})
+    if held_out:  # a feature rarer than about 1 / this cannot be told from a dead one there
+        lines.append(f"\ndead (held out): fired on none of the {', '.join(f'{n:,}' for n in held_out)} held-out tokens")
     (out / "frontier.md").write_text("\n".join(lines) + "\n")
     import matplotlib
     matplotlib.use("Agg")
