@@ -162,7 +162,7 @@ def test_matryoshka_loss_is_the_mean_of_its_nested_prefixes_reconstructions():
     x = torch.randn(40, 16)
     x_hat, f, _ = sae.forward_train(x)
     # by hand: prefix m reconstructs from features [0, m) alone; the whole dictionary is the last prefix
-    want = torch.stack([F.mse_loss(f[:, :m] @ sae.W_dec[:m] + sae.b_dec, x) for m in (8, 24, 64)]).mean()
+    want = torch.stack([F.mse_loss(f[:, :m] @ sae.W_dec[:m] + sae.b_dec, x) for m in (8, 24, 64)]).sum()
     torch.testing.assert_close(sae.recon_loss(x, x_hat, f), want)
     torch.testing.assert_close(sae.recon_loss(x, x_hat, sparse_forward(sae, x).feats), want)
     # its features are BatchTopK's: the same weights encode alike, in training (the batch) and held out (θ)
@@ -171,16 +171,25 @@ def test_matryoshka_loss_is_the_mean_of_its_nested_prefixes_reconstructions():
     for mode in (True, False):
         torch.testing.assert_close(sae.train(mode).encode(x), plain.train(mode).encode(x))
     for bad in ([], [8, 8], [24, 8], [8, 64], [0, 8]):
-        with pytest.raises(ValueError, match="model.matryoshka_widths must be increasing prefix sizes"):
+        with pytest.raises(ValueError, match="model.matryoshka_widths must be a list of increasing integer"):
             MatryoshkaSAE(16, 64, k=6, widths=bad)
+    for bad in (8, [8.5, 24], "8"):  # a scalar, a fraction, a string: refused by name, not a TypeError
+        with pytest.raises(ValueError, match="model.matryoshka_widths must be a list"):
+            _module(architecture="matryoshka_batchtopk", k=3, matryoshka_widths=bad)
+    # a resume with other widths would change the objective: refused by name
+    m = _module(architecture="matryoshka_batchtopk", k=3, matryoshka_widths=[8])
+    with pytest.raises(ValueError, match=r"matryoshka_widths=\[4\] there, \[8\] in this run"):
+        m.on_load_checkpoint({"hyper_parameters": {**m.hparams, "matryoshka_widths": [4]},
+                              "state_dict": m.state_dict()})
     with pytest.raises(ValueError, match="widths: not a setting of a batchtopk SAE"):
         build_sae(16, 64, "batchtopk", k=6, widths=[8])
 
 
 def test_matryoshkas_first_prefix_reconstructs_on_its_own():
     """The point of the nested losses: the first 8 of 64 features reconstruct the input alone. Trained alike on
-    64 planted directions, BatchTopK's first 8 explain ~9% of the variance (fraction unexplained 0.89-0.92 over
-    two seeds), Matryoshka's ~50% (0.49-0.51), at a small cost to the whole dictionary (0.17 → 0.20)."""
+    64 planted directions (this seed; another gave the same within 0.03), the fraction of the variance left
+    unexplained by the first 8 features alone is 0.92 for BatchTopK and 0.51 for Matryoshka, by the whole
+    dictionary 0.17 and 0.20."""
     fvu = {}
     for arch, kw in (("batchtopk", {}), ("matryoshka_batchtopk", {"matryoshka_widths": [8]})):
         batch = _planted_batches()  # both see the same batches
@@ -193,8 +202,8 @@ def test_matryoshkas_first_prefix_reconstructs_on_its_own():
         with torch.no_grad():
             f, var = m.sae.encode(x), (x - x.mean(0)).square().sum()
             fvu[arch] = [float((f[:, :n] @ m.sae.W_dec[:n] + m.sae.b_dec - x).square().sum() / var) for n in (8, 64)]
-    assert fvu["matryoshka_batchtopk"][0] < 0.7 * fvu["batchtopk"][0], fvu
-    assert fvu["matryoshka_batchtopk"][1] < 0.3 and fvu["batchtopk"][1] < 0.3, fvu
+    assert fvu["matryoshka_batchtopk"][0] < 0.6 and fvu["batchtopk"][0] > 0.8, fvu
+    assert fvu["batchtopk"][1] < 0.25 and 0 <= fvu["matryoshka_batchtopk"][1] - fvu["batchtopk"][1] < 0.06, fvu
 
 
 def test_jumprelu_thresholds_can_have_their_own_learning_rate():

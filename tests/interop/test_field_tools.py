@@ -170,8 +170,8 @@ def test_sae_lens_reconstructs_every_exported_architecture_as_we_do(architecture
 
 def test_our_matryoshka_loss_is_saelens_matryoshka_loss():
     """Our Matryoshka BatchTopK against SAELens's own training class on the same weights and batch: the same
-    features, and the same reconstruction term up to units (SAELens sums the squared error over dimensions and
-    sums the prefixes' MSEs, we average both)."""
+    features, and the same reconstruction term up to units (SAELens sums the squared error over dimensions, we
+    average it; both add the prefixes' MSEs to the whole dictionary's)."""
     from sae_lens.saes.matryoshka_batchtopk_sae import (
         MatryoshkaBatchTopKTrainingSAE,
         MatryoshkaBatchTopKTrainingSAEConfig,
@@ -195,7 +195,7 @@ def test_our_matryoshka_loss_is_saelens_matryoshka_loss():
     torch.testing.assert_close(out.feature_acts, f)
     assert set(out.losses) >= {"mse_loss", "inner_mse_loss_8", "inner_mse_loss_24"}
     mine = ours.recon_loss(x, x_hat, f)
-    assert float(out.loss) == pytest.approx(float(mine) * 16 * 3, rel=1e-5)  # × d_in × the 3 prefixes
+    assert float(out.loss) == pytest.approx(float(mine) * 16, rel=1e-5)  # × d_in
     full = float(torch.nn.functional.mse_loss(x_hat, x))
     assert abs(float(mine) - full) > 0.05 * full  # the prefixes weigh in: not the plain MSE
 
@@ -220,10 +220,15 @@ def test_the_frontier_bench_trains_ours_and_saelens_side_by_side(tiny_shards, tm
         ("SAELens", 20), ("SAELens", 40), ("ours", 20), ("ours", 40)]
     for row in rows:
         assert 0 < row["l0"] <= 32 and np.isfinite(row["loss_recovered"]) and 0 <= row["dead_frac"] <= 1, row
+        assert 0 <= row["train_dead_frac"] <= 1 and row["n_tokens"] > 0, row  # silent in training; held out
+    # both libraries count "silent in training" over the same window of each budget (8% of its steps)
+    assert {(r["steps"], r["dead_window_tokens"]) for r in rows} == {(20, round(0.08 * 20) * 32),
+                                                                     (40, round(0.08 * 40) * 32)}
     saelens_cfg = json.loads((out / "saelens" / "l1_1" / "steps_40" / "cfg.json").read_text())
     assert saelens_cfg["d_sae"] == 32 and saelens_cfg.get("architecture", "standard") == "standard"
     assert (out / "frontier.png").stat().st_size > 10_000
-    assert "| SAELens standard |" in (out / "frontier.md").read_text()
+    table = (out / "frontier.md").read_text()
+    assert "| SAELens standard |" in table and "silent in training" in table and "held-out tokens" in table
 
 
 def test_the_bench_table_times_saelenss_own_step(tiny_shards):

@@ -138,7 +138,8 @@ class SAEModule(L.LightningModule):
                 1): θ is trained in log space, so Adam moves it by about that lr relatively per step, which
                 bounds how far a short run can take it.
             matryoshka_widths: the nested prefix sizes of a ``matryoshka_batchtopk`` SAE, increasing and below
-                d_sae (the whole dictionary is the last prefix); each prefix's reconstruction joins the loss.
+                d_sae (the whole dictionary is the last prefix); each prefix's reconstruction MSE is added to the
+                loss (logged: ``train/prefix_mse``, their mean).
             pre_encoder_bias: subtract b_dec before the encoder (the paper; false: Anthropic's later recipe).
             normalize_decoder: unit-norm dictionary rows (the paper); false: free rows, L1 weighted by ‖d_i‖.
             decoder_init_norm: starting row norm when rows are free (None: 1; Anthropic's April update: 0.1).
@@ -156,8 +157,8 @@ class SAEModule(L.LightningModule):
                 or ``skip`` the batch and count it (:mod:`.guards`); non-finite parameters always stop it.
         """
         super().__init__()
-        if matryoshka_widths is not None:  # a Hydra ListConfig would not load from a weights_only checkpoint
-            matryoshka_widths = [int(w) for w in matryoshka_widths]
+        if matryoshka_widths is not None and not isinstance(matryoshka_widths, (int, float, str)):
+            matryoshka_widths = list(matryoshka_widths)  # a Hydra ListConfig would not load weights_only
         guards.check_action(nonfinite)
         if d_in is None:
             raise ConfigError("model.d_in is not set: it comes from the shard set's manifest (data.shards)")
@@ -344,7 +345,7 @@ class SAEModule(L.LightningModule):
             l1 = sae.penalty(pre, feats).mean()
             fires_F = (feats > 0).sum(0)
             active = feats[feats > 0] if sae.tracks_min_active else None
-        # the reconstruction term: the MSE, or (Matryoshka) the mean of its nested prefixes' MSEs
+        # the reconstruction term: the MSE, or (Matryoshka) that plus its nested prefixes' MSEs
         recon = sae.recon_loss(x_BM, x_hat, feats) if sae.prefix_ends else mse
         loss = recon + self.l1_coeff_now() * l1 if sae.uses_penalty else recon
         aux = self.aux_k_loss(x_BM, x_hat)
@@ -367,8 +368,9 @@ class SAEModule(L.LightningModule):
                     "train/mse_normalized": mse.detach(), "train/l0": l0, "train/dead_frac": self.dead_frac()}
             if sae.uses_penalty:
                 logs.update({"train/l1": l1.detach(), "train/l1_coeff": self.l1_coeff_now()})
-            if sae.prefix_ends:
-                logs["train/prefix_mse"] = recon.detach()
+            if sae.prefix_ends:  # the inner prefixes' mean MSE, on raw activations like train/mse
+                inner = (recon.detach() - mse.detach()) / (len(sae.prefix_ends) - 1)
+                logs["train/prefix_mse"] = inner / self.norm_scale**2
             if aux is not None:
                 logs["train/aux_k_loss"] = aux.detach()
             if ghost is not None:  # the term equals the MSE by construction: log what it is made of
@@ -462,7 +464,7 @@ class SAEModule(L.LightningModule):
         where = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
         saved = checkpoint.get("hyper_parameters") or {}
         differ = {k: (saved.get(k, "standard" if k == "architecture" else None), self.hparams.get(k))
-                  for k in ("d_in", "d_sae", "architecture", "k")
+                  for k in ("d_in", "d_sae", "architecture", "k", "matryoshka_widths")
                   if saved.get(k, "standard" if k == "architecture" else None) != self.hparams.get(k)
                   and (k != "d_in" or saved.get(k) is not None)}
         if differ:

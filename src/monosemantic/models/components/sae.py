@@ -444,21 +444,23 @@ class BatchTopKSAE(TopKSAE):
 class MatryoshkaSAE(BatchTopKSAE):
     """Matryoshka BatchTopK (Bussmann et al., 2025, "Learning multi-level features with Matryoshka SAEs"; Nabeshima,
     2024): the dictionary's first ``widths[0]``, ``widths[1]``, … features must each reconstruct the input on
-    their own, so the loss's reconstruction term is the mean of the MSEs of those nested prefixes' reconstructions
-    and the whole dictionary's, ``mean_m ‖x − (f[:m] W_dec[:m] + b_dec)‖²`` (SAELens sums them instead; the
-    mean keeps the term on the scale of the other variants' MSE, so the same lr and AuxK weight apply). Broad
-    features settle in the early prefixes, and a general feature is not absorbed into specific ones that fire
-    in its place. The features are BatchTopK's, so inference and the export are too (SAELens ``jumprelu``
-    with one threshold for all)."""
+    their own, so the loss's reconstruction term is the whole dictionary's MSE plus the MSE of each nested
+    prefix's reconstruction, ``Σ_m ‖x − (f[:m] W_dec[:m] + b_dec)‖²`` (mean over elements), as SAELens sums
+    them: the whole dictionary's MSE keeps the weight it has in every other variant, and so does AuxK beside
+    it. The authors report that broad features then settle in the early prefixes instead of being absorbed
+    into specific ones that fire in their place (not measured here). The features are BatchTopK's, so
+    inference and the export are too (SAELens ``jumprelu`` with one threshold for all)."""
 
     architecture = "matryoshka_batchtopk"
 
     def __init__(self, d_in: int, d_sae: int, k: int | None = None,
                  widths: list[int] | tuple[int, ...] | None = None, **kw: Any) -> None:
-        widths = tuple(int(w) for w in (widths or ()))
+        given = widths
+        ok = isinstance(given, (list, tuple)) and all(isinstance(w, int) and not isinstance(w, bool) for w in given)
+        widths = tuple(given) if ok else ()
         if not widths or any(not 0 < w < d_sae for w in widths) or list(widths) != sorted(set(widths)):
-            raise ConfigError(f"model.matryoshka_widths must be increasing prefix sizes in (0, d_sae={d_sae}) "
-                              f"(the whole dictionary is always the last), got {list(widths)}")
+            raise ConfigError(f"model.matryoshka_widths must be a list of increasing integer prefix sizes in (0, "
+                              f"d_sae={d_sae}) (the whole dictionary is always the last), got {given!r}")
         super().__init__(d_in, d_sae, k, **kw)
         self.widths = widths
 
@@ -468,7 +470,7 @@ class MatryoshkaSAE(BatchTopKSAE):
         return (*self.widths, self.d_sae)
 
     def recon_loss(self, x_BM: torch.Tensor, x_hat_BM: torch.Tensor, feats) -> torch.Tensor:
-        """The mean over the prefixes of their reconstructions' MSE; ``feats`` is the dense ``[B, d_sae]``
+        """The sum over the prefixes of their reconstructions' MSE; ``feats`` is the dense ``[B, d_sae]``
         activations or the sparse step's active entries (each group's part is then a bag over its own
         entries). The last prefix's reconstruction is ``x_hat_BM`` itself."""
         ends = self.prefix_ends
@@ -486,7 +488,7 @@ class MatryoshkaSAE(BatchTopKSAE):
                                           mode="sum", per_sample_weights=feats.vals[keep])
             partial_BM = partial_BM + part_BM
             total = total + F.mse_loss(partial_BM, x_BM)
-        return total / len(ends)
+        return total
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "widths": list(self.widths)}

@@ -170,13 +170,16 @@ def measure_step_costs(sae, x_BM: torch.Tensor, densities: tuple[float, ...] = (
                 p.grad = None
         return best
 
+    def recon(x_hat: torch.Tensor, feats) -> torch.Tensor:  # Matryoshka's prefixes cost each path its own
+        return probe.recon_loss(x_BM, x_hat, feats) if probe.prefix_ends else F.mse_loss(x_hat.float(), x_BM)
+
     def dense_loss() -> torch.Tensor:
         x_hat, feats, pre = probe.forward_train(x_BM)
-        return F.mse_loss(x_hat.float(), x_BM) + probe.penalty(pre, feats).mean()
+        return recon(x_hat, feats) + probe.penalty(pre, feats).mean()
 
     def sparse_loss() -> torch.Tensor:
         out = sparse_forward(probe, x_BM)
-        return F.mse_loss(out.x_hat, x_BM) + probe.sparse_penalty(out.feats.cols, out.feats.vals, x_BM.shape[0])
+        return recon(out.x_hat, out.feats) + probe.sparse_penalty(out.feats.cols, out.feats.vals, x_BM.shape[0])
 
     with torch.enable_grad():
         dense_s = timed(dense_loss)
