@@ -156,7 +156,7 @@ def test_sparse_step_gradients_equal_the_dense_path(arch, kw, seed):
         torch.testing.assert_close(grads[True][name], grads[False][name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_matryoshka_loss_is_the_mean_of_its_nested_prefixes_reconstructions():
+def test_matryoshka_loss_is_the_sum_of_its_nested_prefixes_reconstructions():
     sae = _noisy(MatryoshkaSAE(16, 64, k=6, widths=[8, 24])).train()
     assert sae.prefix_ends == (8, 24, 64) and SparseAutoencoder(16, 64).prefix_ends == ()
     x = torch.randn(40, 16)

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from monosemantic.errors import ConfigError
+from monosemantic.models.components.sparse_step import _row_offsets
 
 log = logging.getLogger(__name__)
 
@@ -482,10 +483,9 @@ class MatryoshkaSAE(BatchTopKSAE):
                 part_BM = feats[:, start:end].float() @ self.W_dec[start:end].float()
             else:  # SparseFeatures: the group's entries, still row-major
                 keep = (feats.cols >= start) & (feats.cols < end)
-                rows = feats.rows[keep]
-                counts = torch.bincount(rows, minlength=x_BM.shape[0])
-                part_BM = F.embedding_bag(feats.cols[keep], self.W_dec.float(), torch.cumsum(counts, 0) - counts,
-                                          mode="sum", per_sample_weights=feats.vals[keep])
+                part_BM = F.embedding_bag(feats.cols[keep], self.W_dec.float(),
+                                          _row_offsets(feats.rows[keep], x_BM.shape[0]), mode="sum",
+                                          per_sample_weights=feats.vals[keep])
             partial_BM = partial_BM + part_BM
             total = total + F.mse_loss(partial_BM, x_BM)
         return total
